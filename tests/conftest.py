@@ -16,5 +16,7 @@ SHARED_WATER = REPO_ROOT.parent / "shared" / "data" / "water_bodies"
 def water_dir() -> pathlib.Path:
     """The shared water-bodies dataset (images/, masks/, train/test lists)."""
     if not (SHARED_WATER / "images").is_dir():
-        pytest.fail(f"shared water data not found at {SHARED_WATER}; CI places ../shared beside the repo")
+        pytest.fail(
+            f"shared water data not found at {SHARED_WATER}; CI places ../shared beside the repo"
+        )
     return SHARED_WATER

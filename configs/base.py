@@ -1,0 +1,129 @@
+"""Defaults shared by every experiment: one `ConfigDict`, every key commented.
+
+Experiments (`configs/water_*.py`) call `base.get_config()` and change a handful of keys. Any key can
+be overridden on the command line, e.g. `python -m paligemma_seg.train --config
+configs/water_224.py --config.optim.lr=0.01 --config.model.overrides.remat=True`. Relative paths are
+relative to the directory the command runs in (the repository root in the README's commands).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Base config: a PaliGemma 1 3B @224 recipe; experiments override what differs."""
+    c = ml_collections.ConfigDict()
+
+    # --- Run ---
+    c.seed = 0  # Seeds init, data order and per-step RNG: same seed + config = same run.
+    c.total_steps = 300  # Optimizer updates (one global batch each, accumulation included).
+    c.batch_size = 8  # Global examples per update, over all hosts and devices.
+    c.seq_len = 128  # Text tokens per example: BOS, prefix, "\n", suffix, EOS, padding.
+    c.log_steps = 10  # Write metrics.jsonl (and check for NaN) every N steps.
+    c.val_steps = 50  # Validation loss on data.val_split every N steps and at the end; 0 = off.
+    c.val_max_examples = 0  # Examples of the validation split that val_steps scores; 0 = all.
+    c.ckpt_steps = 100  # Checkpoint every N steps, at the end and on SIGTERM; 0 = end only.
+    c.eval_steps = (
+        0  # Decode + mIoU (paligemma_seg.evaluate) every N steps and at the end; 0 = off.
+    )
+    # '' = random init; else a big_vision .npz, a Hugging Face directory or an orbax checkpoint.
+    c.init = ""
+    c.workdir = ""  # Checkpoints, metrics.jsonl, params.npz, eval output; --workdir wins.
+
+    # --- Model (paligemma_seg.model.config) ---
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "pg1-3b-224"  # A name from paligemma_seg.model.config.PRESETS.
+    # Gemma 2 only: 'big_vision' (no sliding window, no final soft-cap) or 'transformers'.
+    c.model.compat = "big_vision"
+    c.model.overrides = (
+        ml_collections.ConfigDict()
+    )  # PaliGemmaConfig fields replacing the preset's.
+    c.model.overrides.dtype = "bfloat16"  # Compute dtype: 'float32' or 'bfloat16'.
+    c.model.overrides.param_dtype = "float32"  # Parameter storage: f32 master copies.
+    c.model.overrides.remat = False  # Recompute each block in the backward pass (less memory).
+
+    # --- Tokenizer ---
+    c.tokenizer = "checkpoints/paligemma_tokenizer.model"  # SentencePiece with <loc>/<seg>.
+
+    # --- Mask codec (paligemma_seg.segtokens): mask <-> <loc>x4 <seg>x16 label per object ---
+    c.codec = ml_collections.ConfigDict()
+    c.codec.vqvae = "checkpoints/vae-oid.npz"  # VQ-VAE; real PaliGemma weights need vae-oid.npz.
+    c.codec.threshold = 127  # Grey level (0-255) above which a mask pixel is water.
+    c.codec.open_radius = 0  # Clean-up: binary opening, disk radius in px (0 = off).
+    c.codec.close_radius = 0  # Clean-up: binary closing, disk radius in px (0 = off).
+    c.codec.min_area = 0.0  # Clean-up: drop parts smaller than this fraction of the image.
+    c.codec.max_objects = 8  # At most this many objects (largest first) per mask.
+    c.codec.whole_mask = False  # True = one box around all water instead of one per part.
+    c.codec.crop_others = True  # An object's crop holds all water in its box, not only its part.
+    c.codec.connectivity = 8  # 4 or 8: which neighbours join pixels into one part.
+    c.codec.loc_rounding = "ceil"  # Box edge -> <loc>: 'ceil' (exact round trip) or 'round'.
+    c.codec.label = "water"  # Text after each object's 20 tokens.
+
+    # --- Data (paligemma_seg.data): images + masks -> JSONL (convert CLI) -> tf.data ---
+    c.data = ml_collections.ConfigDict()
+    c.data.images = "../shared/data/water_bodies/images"  # Image folder (convert CLI input).
+    c.data.masks = "../shared/data/water_bodies/masks"  # Masks, same names as the images.
+    c.data.splits = ml_collections.ConfigDict()  # Split name -> text file listing image names.
+    c.data.splits.train = "../shared/data/water_bodies/train_images.txt"  # 164 images.
+    c.data.splits.test = "../shared/data/water_bodies/test_images.txt"  # 21 images.
+    c.data.jsonl_dir = "data/water_jsonl_vaeoid"  # NAME.jsonl per split; converted if missing.
+    c.data.prefix = "segment water"  # Prompt of every example.
+    c.data.train_split = "train"  # Split trained on.
+    c.data.val_split = "test"  # Split of the validation loss (the water set has no val split).
+    c.data.test_split = "test"  # Split of the final evaluation.
+    # > 0: each epoch is a seeded permutation of all examples (indices only, so any value > 0
+    # shuffles fully); 0 = file order.
+    c.data.shuffle_buffer = 50_000
+    c.data.num_parallel_calls = 4  # tf.data threads that decode and resize images.
+    c.data.prefetch = 2  # Batches prepared ahead of the train step.
+    c.data.synthetic = (
+        ml_collections.ConfigDict()
+    )  # Generated tiles (paligemma_seg.data.synthetic).
+    c.data.synthetic.num_images = 0  # > 0: generate into data.images' parent if it is missing.
+    c.data.synthetic.size = 128  # Side of the generated tiles in pixels.
+    c.data.synthetic.seed = 0  # Seed of the generator.
+
+    # --- Optimizer (paligemma_seg.optim) ---
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "sgd"  # 'sgd' (optional momentum), 'adamw' or 'adafactor'.
+    c.optim.lr = 0.003  # Peak learning rate.
+    c.optim.schedule = "cosine"  # After warmup: 'cosine' (to 0), 'linear' (to 0) or 'constant'.
+    c.optim.warmup_steps = 30  # Linear warmup over this many updates.
+    c.optim.momentum = 0.0  # SGD momentum (0 = none, no state); adamw's b1; adafactor's momentum.
+    c.optim.b2 = 0.999  # adamw's second-moment decay.
+    c.optim.weight_decay = 0.0  # Decoupled decay of weight matrices (not norms/biases), x lr.
+    c.optim.clip_norm = 1.0  # Clip gradients to this global L2 norm; 0 = off.
+    c.optim.grad_accum = 1  # Micro-batches per update (same update, less activation memory).
+    # Which parameters train: 'attn' (llm/layers/attn), 'llm', 'img', 'all', or a regex searched
+    # in paths like 'llm/layers/mlp/linear'. The others are frozen: no gradient, no optimizer state.
+    c.optim.trainable = "attn"
+    c.optim.frozen_dtype = "bfloat16"  # Storage of frozen parameters; '' = as loaded/initialised.
+
+    # --- Device mesh (paligemma_seg.sharding) ---
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1  # Devices that hold a full copy of the parameters (pure data parallelism).
+    c.mesh.fsdp = -1  # Devices that split parameters and optimizer state; -1 = all the rest.
+    c.mesh.strategy = "fsdp"  # Partition rules: 'fsdp' (split params over fsdp) or 'replicated'.
+
+    # --- Checkpoints (paligemma_seg.checkpoint) ---
+    c.ckpt = ml_collections.ConfigDict()
+    c.ckpt.keep = 2  # Keep the last K checkpoints.
+    c.ckpt.async_save = True  # Write checkpoints in the background while training continues.
+    c.ckpt.export_npz = True  # At the end also write the weights to WORKDIR/params.npz.
+
+    # --- Evaluation (paligemma_seg.evaluate) ---
+    c.eval = ml_collections.ConfigDict()
+    c.eval.split = "test"  # Split decoded and scored.
+    c.eval.max_examples = 0  # 0 = all examples of the split.
+    c.eval.batch_size = 8  # Examples decoded together.
+    c.eval.contact_sheet_rows = 8  # Rows of image | truth | prediction in the contact sheet.
+
+    # --- Decoding (paligemma_seg.decode) ---
+    c.decode = ml_collections.ConfigDict()
+    c.decode.max_new_tokens = 0  # Tokens generated after the prompt; 0 = seq_len - prompt.
+    c.decode.constrained = True  # Only allow token sequences that the mask grammar accepts.
+    c.decode.max_objects = 8  # Stop after this many objects.
+    c.decode.temperature = 0.0  # 0 = greedy.
+    c.decode.top_k = 0  # Sample among the k most likely tokens (temperature > 0); 0 = all.
+    return c

@@ -1,0 +1,43 @@
+"""PaliGemma 1 3B pt-224 fine-tuned to segment water (the seed's recipe).
+
+Only `llm/layers/attn` trains, plain SGD at lr 0.003, batch 8, 128 text tokens, bf16 compute with f32
+master copies of the trained weights; frozen weights are stored in bf16. Needs, under checkpoints/ (see the
+README, "With real weights", or run `python scripts/download_weights.py`): paligemma-3b-pt-224.npz,
+paligemma_tokenizer.model and vae-oid.npz.
+
+    python -m paligemma_seg.train --config configs/water_224.py --workdir runs/water_224
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _base() -> ml_collections.ConfigDict:
+    """configs/base.py's get_config(), found next to this file (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "_configs_base", pathlib.Path(__file__).with_name("base.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """PG1 3B @224 on the shared water set; see the module docstring."""
+    c = _base()
+    c.workdir = "runs/water_224"
+    c.init = "checkpoints/paligemma-3b-pt-224.npz"
+    c.model.preset = "pg1-3b-224"
+    c.tokenizer = "checkpoints/paligemma_tokenizer.model"
+    c.codec.vqvae = "checkpoints/vae-oid.npz"
+    c.data.jsonl_dir = "data/water_jsonl_vaeoid"  # Suffixes hold vae-oid codes.
+    c.optim.name = "sgd"
+    c.optim.lr = 0.003
+    c.optim.trainable = "attn"
+    c.batch_size = 8
+    c.seq_len = 128
+    return c

@@ -1,0 +1,38 @@
+"""PaliGemma 1 3B pt-448 on the water set: 1024 image tokens, so layers are rematerialised.
+
+Needs checkpoints/paligemma-3b-pt-448.npz, paligemma_tokenizer.model and vae-oid.npz (README, "With real
+weights"; `python scripts/download_weights.py`).
+
+    python -m paligemma_seg.train --config configs/water_448.py --workdir runs/water_448
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _base() -> ml_collections.ConfigDict:
+    """configs/base.py's get_config(), found next to this file (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "_configs_base", pathlib.Path(__file__).with_name("base.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """PG1 3B @448; same recipe as water_224 otherwise."""
+    c = _base()
+    c.workdir = "runs/water_448"
+    c.init = "checkpoints/paligemma-3b-pt-448.npz"
+    c.model.preset = "pg1-3b-448"
+    c.model.overrides.remat = True  # 4x the image tokens of 224: save activation memory.
+    c.tokenizer = "checkpoints/paligemma_tokenizer.model"
+    c.codec.vqvae = "checkpoints/vae-oid.npz"
+    c.data.jsonl_dir = "data/water_jsonl_vaeoid"
+    c.optim.trainable = "attn"
+    return c

@@ -1,0 +1,39 @@
+"""PaliGemma 2 3B pt-224 (Gemma 2 2B decoder) on the water set.
+
+big_vision behaviour (no sliding window, no final-logit soft-cap, as its PaliGemma 2 transfer configs).
+Needs checkpoints/paligemma2-3b-pt-224.npz (or a Hugging Face directory: set --config.init=DIR),
+paligemma_tokenizer.model and vae-oid.npz (README, "With real weights"; `python scripts/download_weights.py`).
+
+    python -m paligemma_seg.train --config configs/water_pg2_224.py --workdir runs/water_pg2_224
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _base() -> ml_collections.ConfigDict:
+    """configs/base.py's get_config(), found next to this file (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "_configs_base", pathlib.Path(__file__).with_name("base.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """PG2 3B @224; same recipe as water_224 otherwise."""
+    c = _base()
+    c.workdir = "runs/water_pg2_224"
+    c.init = "checkpoints/paligemma2-3b-pt-224.npz"
+    c.model.preset = "pg2-3b-224"
+    c.model.compat = "big_vision"
+    c.tokenizer = "checkpoints/paligemma_tokenizer.model"
+    c.codec.vqvae = "checkpoints/vae-oid.npz"
+    c.data.jsonl_dir = "data/water_jsonl_vaeoid"
+    c.optim.trainable = "attn"
+    return c

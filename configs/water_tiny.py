@@ -1,0 +1,90 @@
+"""The offline default: a tiny PaliGemma-architecture model trained from scratch on generated water tiles.
+
+No downloads, no GPU: a small SigLIP (112 px, 64 image tokens) and a 4-layer Gemma, random init, the
+project's small tokenizer and VQ-VAE from checkpoints/. Generates data/synthetic_water/ and converts it to
+JSONL if missing, trains, then evaluates. (A first version; issue 7 tunes sizes and steps.)
+
+    python -m paligemma_seg.train --config configs/water_tiny.py --workdir runs/water_tiny
+
+On the real water images instead (from scratch):
+    python -m paligemma_seg.train --config configs/water_tiny.py --config.data.synthetic.num_images=0 \
+        --config.data.images=../shared/data/water_bodies/images \
+        --config.data.masks=../shared/data/water_bodies/masks \
+        --config.data.splits.train=../shared/data/water_bodies/train_images.txt \
+        --config.data.splits.test=../shared/data/water_bodies/test_images.txt \
+        --config.data.jsonl_dir=data/water_jsonl_small --workdir runs/water_tiny_real
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _base() -> ml_collections.ConfigDict:
+    """configs/base.py's get_config(), found next to this file (configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        "_configs_base", pathlib.Path(__file__).with_name("base.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Tiny model, generated data, everything trainable; see the module docstring."""
+    c = _base()
+    c.workdir = "runs/water_tiny"
+    c.total_steps = 1000
+    c.batch_size = 16
+    c.seq_len = 96  # Prefix (4 tokens) + up to 4 objects of ~23 tokens + EOS.
+    c.log_steps = 20
+    c.val_steps = 200
+    c.ckpt_steps = 500
+    c.eval_steps = 1000  # Decode + mIoU at the end of the default run.
+    c.init = ""
+
+    c.model.preset = "tiny"
+    c.model.overrides.dtype = "float32"  # On CPU float32 is as fast as bf16 for these sizes.
+    c.model.overrides.param_dtype = "float32"
+    c.model.overrides.vision = ml_collections.ConfigDict()  # SiglipConfig fields.
+    c.model.overrides.vision.image_size = 112  # 8x8 = 64 image tokens with 14 px patches.
+    c.model.overrides.vision.patch_size = 14
+    c.model.overrides.vision.width = 128
+    c.model.overrides.vision.depth = 4
+    c.model.overrides.vision.mlp_dim = 512
+    c.model.overrides.vision.num_heads = 4
+    c.model.overrides.llm = ml_collections.ConfigDict()  # GemmaConfig fields.
+    c.model.overrides.llm.width = 256
+    c.model.overrides.llm.depth = 4
+    c.model.overrides.llm.mlp_dim = 1024
+    c.model.overrides.llm.num_heads = 4
+    c.model.overrides.llm.num_kv_heads = 1
+    c.model.overrides.llm.head_dim = 64
+    c.model.overrides.llm.vocab_size = 2176  # = checkpoints/tokenizer_small.model's vocabulary.
+
+    c.tokenizer = "checkpoints/tokenizer_small.model"
+    c.codec.vqvae = "checkpoints/vqvae_small.npz"
+    c.codec.max_objects = 4
+
+    c.data.images = "data/synthetic_water/images"
+    c.data.masks = "data/synthetic_water/masks"
+    c.data.splits.train = "data/synthetic_water/train_images.txt"
+    c.data.splits.test = "data/synthetic_water/test_images.txt"
+    c.data.jsonl_dir = "data/synthetic_water_jsonl"
+    c.data.synthetic.num_images = 400
+    c.data.synthetic.size = 128
+
+    c.optim.name = "adamw"
+    c.optim.lr = 1e-3
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-4
+    c.optim.warmup_steps = 50
+    c.optim.trainable = "all"
+    c.optim.frozen_dtype = ""
+
+    c.eval.max_examples = 64
+    c.decode.max_objects = 4
+    return c

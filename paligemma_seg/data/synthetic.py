@@ -1,0 +1,286 @@
+"""Generated satellite-like tiles with exact water masks: the offline data set for tiny models.
+
+Owns drawing and writing tiles; turning them into JSONL is `convert.py`'s job. A tile is textured
+land (fractal noise, fields, roads), optional water (lakes, rivers, coastlines) in one of several
+colours, then optional clouds with shadows. Water under thin clouds (opacity <= 0.5) stays in the
+mask because it is still visible; water under thick clouds does not. Tile i depends only on
+(seed, i, size).
+
+    python -m paligemma_seg.data.synthetic --out data/synthetic --num 200 --size 128 --seed 0
+
+writes `images/synth_00000.jpg` (RGB JPEG), `masks/synth_00000.png` (grey 0/255, exact) and
+`train_images.txt`/`test_images.txt` (every 10th tile is a test tile), the water data set's layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+CLOUD_MASK_OPACITY = 0.5  # water under clouds more opaque than this is not in the mask
+HAZE_COLOUR = np.array([0.66, 0.62, 0.66], np.float32)
+TEST_EVERY = 10  # tile i is a test tile when i % TEST_EVERY == TEST_EVERY - 1
+
+# RGB in [0, 1], loosely from Sentinel-2 true-colour tiles.
+LAND_COLOURS = np.array(
+    [
+        [0.27, 0.35, 0.20],  # vegetation
+        [0.36, 0.42, 0.25],  # grassland
+        [0.16, 0.23, 0.13],  # forest
+        [0.56, 0.51, 0.38],  # dry grass
+        [0.74, 0.64, 0.48],  # desert sand
+        [0.47, 0.36, 0.27],  # bare soil
+        [0.52, 0.50, 0.49],  # rock
+        [0.62, 0.55, 0.58],  # pinkish haze-covered plain
+        [0.58, 0.58, 0.56],  # urban grey
+    ],
+    dtype=np.float32,
+)
+WATER_COLOURS = np.array(
+    [
+        [0.07, 0.14, 0.28],  # deep blue
+        [0.08, 0.10, 0.19],  # navy
+        [0.05, 0.07, 0.09],  # near black
+        [0.16, 0.38, 0.42],  # turquoise
+        [0.15, 0.27, 0.24],  # green
+        [0.28, 0.36, 0.46],  # blue-grey
+        [0.34, 0.30, 0.21],  # muddy
+    ],
+    dtype=np.float32,
+)
+WATER_WEIGHTS = np.array([3, 2, 1, 2, 2, 2, 0.5]) / 12.5
+WATER_KINDS = ("none", "lakes", "river", "coast", "lakes+river")
+WATER_KIND_WEIGHTS = (0.15, 0.35, 0.2, 0.2, 0.1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileLayers:
+    """Everything a tile is composed of; `compose` turns it into pixels (no randomness left)."""
+
+    land: np.ndarray  # float32[H, W, 3] land colour in [0, 1]
+    water: np.ndarray  # bool[H, W] where water is drawn
+    water_colour: np.ndarray  # float32[H, W, 3] water colour in [0, 1]
+    cloud: np.ndarray  # float32[H, W] cloud opacity in [0, 1]
+    shadow: np.ndarray  # float32[H, W] cloud-shadow darkening in [0, 1)
+    sensor_noise: np.ndarray  # float32[H, W, 3] added last
+    brightness: float
+    haze: float  # blend towards a pale grey-pink, as in many Sentinel-2 tiles
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool[H, W] ground truth: visible water."""
+        return self.water & (self.cloud <= CLOUD_MASK_OPACITY)
+
+
+def fractal_noise(rng: np.random.Generator, size: int, beta: float = 2.0) -> np.ndarray:
+    """float32[size, size] noise with power spectrum 1/f^beta, scaled to [0, 1]."""
+    spectrum = np.fft.rfft2(rng.standard_normal((size, size)))
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    radius = np.maximum(np.hypot(fy, fx), 1.0 / size)
+    field = np.fft.irfft2(spectrum * radius ** (-beta / 2.0), s=(size, size))
+    field -= field.min()
+    return (field / max(field.max(), 1e-12)).astype(np.float32)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (y, x) in units of the tile side, in [0, 1)."""
+    coords = (np.arange(size, dtype=np.float32) + 0.5) / size
+    return coords[:, None], coords[None, :]
+
+
+def _rotated(size: int, angle: float, centre: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates along (u) and across (v) a direction through `centre`, in tile sides."""
+    y, x = _grid(size)
+    y, x = y - centre[0], x - centre[1]
+    return x * np.cos(angle) + y * np.sin(angle), -x * np.sin(angle) + y * np.cos(angle)
+
+
+def _land(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Two or three blended land colours with texture, fields and roads."""
+    picks = LAND_COLOURS[rng.choice(len(LAND_COLOURS), 3, replace=False)]
+    picks = picks * rng.uniform(0.85, 1.15, (3, 1)).astype(np.float32)
+    blend = ndimage.zoom(rng.random((4, 4)), size / 4, order=3)[:size, :size] * 0.5
+    blend = np.clip(blend + fractal_noise(rng, size, 2.6) * 0.6 - 0.05, 0, 1)[..., None]
+    land = picks[0] * (1 - blend) + picks[1] * blend
+    patches = fractal_noise(rng, size, 3.0)[..., None]
+    land = np.where(patches > rng.uniform(0.6, 0.9), picks[2], land)
+    if rng.random() < 0.5:
+        land = _fields(rng, size, land)
+    land = land * (0.85 + 0.3 * fractal_noise(rng, size, 1.0)[..., None])
+    for _ in range(rng.choice(4, p=[0.5, 0.3, 0.15, 0.05])):
+        land = _road(rng, size, land)
+    return land.astype(np.float32)
+
+
+def _fields(rng: np.random.Generator, size: int, land: np.ndarray) -> np.ndarray:
+    """Rectangular fields of jittered colours on a rotated grid, over a patch of the tile."""
+    u, v = _rotated(size, rng.uniform(0, np.pi), (0.5, 0.5))
+    cell_u = np.floor(u / rng.uniform(0.05, 0.2)).astype(np.int64) % 32
+    cell_v = np.floor(v / rng.uniform(0.05, 0.2)).astype(np.int64) % 32
+    table = LAND_COLOURS[rng.integers(0, 6, (32, 32))] * rng.uniform(0.8, 1.2, (32, 32, 1))
+    region = fractal_noise(rng, size, 3.0) > rng.uniform(0.2, 0.6)
+    alpha = (region * 0.75)[..., None]
+    return land * (1 - alpha) + table[cell_u, cell_v] * alpha
+
+
+def _road(rng: np.random.Generator, size: int, land: np.ndarray) -> np.ndarray:
+    """A straight, antialiased road across the tile."""
+    _, v = _rotated(size, rng.uniform(0, np.pi), tuple(rng.uniform(0.1, 0.9, 2)))
+    width = rng.uniform(0.6, 1.8)
+    alpha = np.clip(width / 2 - np.abs(v) * size + 0.5, 0, 1)[..., None]
+    colour = np.array([0.55, 0.53, 0.5], np.float32) * rng.uniform(0.8, 1.1)
+    return land * (1 - alpha) + colour * alpha
+
+
+def _shore(rng: np.random.Generator, size: int, amplitude: float) -> np.ndarray:
+    """Zero-centred shoreline displacement: large bays and capes plus a little fine detail."""
+    bays = fractal_noise(rng, size, rng.uniform(2.8, 3.4)) - 0.5
+    detail = fractal_noise(rng, size, 2.0) - 0.5
+    return amplitude * bays + rng.uniform(0.0, 0.15) * detail
+
+
+def _lakes(rng: np.random.Generator, size: int) -> np.ndarray:
+    """One to four blobs with fractal shores, from small ponds to lakes filling most of the tile."""
+    water = np.zeros((size, size), bool)
+    for k in range(rng.choice([1, 2, 3, 4], p=[0.55, 0.25, 0.12, 0.08])):
+        radius = rng.uniform(0.15, 0.42) if k == 0 else rng.uniform(0.04, 0.15)
+        u, v = _rotated(size, rng.uniform(0, np.pi), tuple(rng.uniform(0.2, 0.8, 2)))
+        stretch = rng.uniform(1.0, 2.5)
+        distance = np.hypot(u / stretch, v) / radius
+        water |= distance + _shore(rng, size, rng.uniform(0.4, 1.4)) < 1
+    return water
+
+
+def _river(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A meandering band across the tile, its width varying along it."""
+    u, v = _rotated(size, rng.uniform(0, np.pi), tuple(rng.uniform(0.3, 0.7, 2)))
+    centre = np.zeros_like(u)
+    for _ in range(3):
+        frequency = rng.uniform(0.5, 4.0)
+        centre = centre + rng.uniform(0.0, 0.12) / frequency * np.sin(
+            2 * np.pi * frequency * u + rng.uniform(0, 2 * np.pi)
+        )
+    half_width = rng.uniform(0.8, max(1.0, 0.07 * size)) / size
+    half_width = half_width * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * u))
+    return np.abs(v - centre) < half_width
+
+
+def _coast(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Sea on one side of a fractal coastline."""
+    u, _ = _rotated(size, rng.uniform(0, 2 * np.pi), (0.5, 0.5))
+    return u + _shore(rng, size, rng.uniform(0.2, 0.6)) < rng.uniform(-0.3, 0.3)
+
+
+def _water(rng: np.random.Generator, size: int) -> np.ndarray:
+    kind = WATER_KINDS[rng.choice(len(WATER_KINDS), p=WATER_KIND_WEIGHTS)]
+    water = np.zeros((size, size), bool)
+    if "lakes" in kind:
+        water |= _lakes(rng, size)
+    if "river" in kind:
+        water |= _river(rng, size)
+    if kind == "coast":
+        water |= _coast(rng, size)
+    return water
+
+
+def _water_colour(rng: np.random.Generator, water: np.ndarray, land: np.ndarray) -> np.ndarray:
+    """Water colour with depth shading: lighter and closer to the land colour near the shore."""
+    size = water.shape[0]
+    colour = WATER_COLOURS[rng.choice(len(WATER_COLOURS), p=WATER_WEIGHTS)]
+    colour = colour * rng.uniform(0.85, 1.2) + rng.normal(0, 0.02, 3)
+    depth = ndimage.distance_transform_edt(water) if water.any() else np.zeros(water.shape)
+    shallow = np.exp(-depth / rng.uniform(1.0, 0.05 * size + 1.5))[..., None] * rng.uniform(
+        0.1, 0.4
+    )
+    ripple = (fractal_noise(rng, size, 1.5)[..., None] - 0.5) * 0.05
+    return (colour * (1 - shallow) + land * shallow + ripple).astype(np.float32)
+
+
+def _clouds(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cloud opacity (thin haze to opaque) and the shadow it casts, shifted by the sun angle."""
+    if rng.random() >= 0.25:
+        return np.zeros((size, size), np.float32), np.zeros((size, size), np.float32)
+    density = fractal_noise(rng, size, rng.uniform(2.6, 3.4))
+    threshold = rng.uniform(0.4, 0.7)
+    cloud = np.clip((density - threshold) / rng.uniform(0.05, 0.3), 0, 1) * rng.uniform(0.3, 1.0)
+    shift = rng.integers(-size // 10, size // 10 + 1, 2)
+    shadow = np.roll(cloud, tuple(shift), axis=(0, 1)) * rng.uniform(0.0, 0.45)
+    return cloud.astype(np.float32), shadow.astype(np.float32)
+
+
+def draw_layers(rng: np.random.Generator, size: int) -> TileLayers:
+    """All random choices for one tile."""
+    land = _land(rng, size)
+    water = _water(rng, size)
+    water_colour = _water_colour(rng, water, land)
+    cloud, shadow = _clouds(rng, size)
+    noise = rng.normal(0, 0.012, (size, size, 3)).astype(np.float32)
+    brightness, haze = float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.0, 0.35))
+    return TileLayers(land, water, water_colour, cloud, shadow, noise, brightness, haze)
+
+
+def compose(layers: TileLayers) -> np.ndarray:
+    """uint8[H, W, 3] tile: land, water, shadow, cloud, slight optical blur, sensor noise."""
+    ground = np.where(layers.water[..., None], layers.water_colour, layers.land)
+    ground = ground * (1 - layers.shadow[..., None])
+    cloud = layers.cloud[..., None]
+    sky = ground * (1 - cloud) + np.float32(0.92) * cloud
+    sky = ndimage.gaussian_filter(sky, sigma=(0.6, 0.6, 0))
+    hazy = sky * (1 - layers.haze) + HAZE_COLOUR * layers.haze
+    pixels = hazy * layers.brightness + layers.sensor_noise
+    return (np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def render_tile(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8[H, W, 3] image, bool[H, W] mask) of tile `index`; the same for the same arguments."""
+    layers = draw_layers(np.random.default_rng([seed, index, size]), size)
+    return compose(layers), layers.mask
+
+
+def tile_name(index: int) -> str:
+    return f"synth_{index:05d}"
+
+
+def generate(
+    out_dir: str | pathlib.Path, num_images: int, size: int = 128, seed: int = 0
+) -> list[str]:
+    """Writes `num_images` tiles into `out_dir` (layout: module docstring); returns image names."""
+    if num_images < 1 or size < 16:
+        raise ValueError(f"need num_images >= 1 and size >= 16, got {num_images} and {size}")
+    out = pathlib.Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    names = []
+    for index in tqdm(range(num_images), desc="generating tiles", unit="tile", leave=False):
+        image, mask = render_tile(seed, index, size)
+        name = tile_name(index)
+        Image.fromarray(image).save(out / "images" / f"{name}.jpg", quality=92)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{name}.png")
+        names.append(f"{name}.jpg")
+    test = [n for i, n in enumerate(names) if i % TEST_EVERY == TEST_EVERY - 1]
+    train = [n for i, n in enumerate(names) if i % TEST_EVERY != TEST_EVERY - 1]
+    (out / "train_images.txt").write_text("".join(f"{n}\n" for n in train))
+    (out / "test_images.txt").write_text("".join(f"{n}\n" for n in test))
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Generate satellite-like tiles with water masks.")
+    parser.add_argument("--out", required=True, help="output directory (images/, masks/, lists)")
+    parser.add_argument("--num", type=int, default=200, help="number of tiles")
+    parser.add_argument("--size", type=int, default=128, help="tile side in pixels")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    names = generate(args.out, args.num, args.size, args.seed)
+    print(f"wrote {len(names)} tiles of {args.size}px to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,227 @@
+"""Scores a split: `python -m paligemma_seg.evaluate --config CFG --workdir DIR [--checkpoint P]
+[--split test]`, and `run_evaluation`, which training calls every `eval_steps`.
+
+Decodes every example of the split's JSONL (prompt = its prefix), turns each output into a mask at
+the ground truth's full resolution (the codec), compares it with the ground-truth mask file as
+evaluation reads it (`codec.reference_mask`) and writes into the workdir:
+  eval.json            miou (mean per-image IoU, empty vs empty = 1), ciou, dice, precision,
+                       recall (see `metrics.py`), valid_rate, object_count_mae/bias, ceiling_miou
+                       (the codec's own round trip on the same masks), num_images, step, timings;
+  eval_examples.jsonl  per image: output text, IoU, valid, object counts, ceiling IoU;
+  contact_sheet.png    image | ground truth | prediction, eval.contact_sheet_rows rows (and
+                       contact_sheet_step{STEP}.png when a step is given);
+  metrics.jsonl        (only with a step) one line {"step", "eval_miou", ...} for the curves.
+Weights (CLI): --checkpoint, else WORKDIR/checkpoints (newest), else WORKDIR/params.npz, else the
+config's `init`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from paligemma_seg import experiment, metrics, predict
+
+
+def _examples(cfg: ml_collections.ConfigDict, split: str) -> list[Any]:
+    """The split's JSONL examples (converted first if missing), at most eval.max_examples."""
+    from paligemma_seg.data import pipeline
+
+    path = experiment.split_jsonl(cfg, split)
+    if not os.path.isfile(path):
+        path = experiment.prepare_data(cfg, (split,))[split]
+    examples = pipeline.read_jsonl(path)
+    missing = [e.source for e in examples if not e.mask]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} examples of {path} have no 'mask' (first: {missing[0]}); evaluation "
+            "needs the ground-truth mask files: re-run the convert CLI."
+        )
+    limit = int(cfg.eval.max_examples)
+    return examples[:limit] if limit > 0 else examples
+
+
+def _display_path(path: str) -> str:
+    """Relative to the working directory when inside it, else absolute."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _write_json(path: str, value: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _contact_sheet(rows: list[dict[str, Any]], workdir: str, step: int | None) -> str:
+    from paligemma_seg import visualize
+    from paligemma_seg.data import images as images_lib
+
+    sheet_rows = [
+        visualize.SheetRow(
+            image=images_lib.read_image(row["image"]).pixels,
+            gt_mask=row["gt"],
+            pred_mask=row["prediction"].mask,
+            pred_boxes=row["prediction"].boxes,
+            caption=f"{os.path.basename(row['image'])}  IoU {row['iou']:.3f}"
+            + ("" if row["prediction"].valid else "  (invalid output)"),
+        )
+        for row in rows
+    ]
+    sheet = visualize.contact_sheet(sheet_rows)
+    path = os.path.join(workdir, "contact_sheet.png")
+    sheet.save(path)
+    if step is not None:
+        sheet.save(os.path.join(workdir, f"contact_sheet_step{step:06d}.png"))
+    return path
+
+
+def run_evaluation(
+    cfg: ml_collections.ConfigDict,
+    model: Any,
+    params: Any,
+    workdir: str,
+    split: str,
+    step: int | None = None,
+) -> dict[str, Any]:
+    """Decodes and scores `split`; writes eval.json, eval_examples.jsonl and the contact sheet.
+
+    Every process decodes (parameters may be sharded over the mesh); process 0 writes the files.
+    Returns the eval.json dict.
+    """
+    from paligemma_seg.data import images as images_lib
+    from paligemma_seg.data import pipeline
+
+    start = time.perf_counter()
+    examples = _examples(cfg, split)
+    segmenter = predict.Segmenter(cfg, model, params)
+    codec = segmenter.codec
+    accumulator = metrics.SegmentationMetrics()
+    records, sheet_rows, ceilings = [], [], []
+    decode_seconds = 0.0
+    num_rows = int(cfg.eval.contact_sheet_rows)
+    for first in range(0, len(examples), segmenter.batch_size):
+        chunk = examples[first : first + segmenter.batch_size]
+        greys = [images_lib.read_mask(e.mask).pixels for e in chunk]
+        inputs = np.stack([pipeline.load_image(e.image, segmenter.image_size) for e in chunk])
+        prompts = {e.prefix for e in chunk}
+        tick = time.perf_counter()
+        predictions = []
+        for prompt in sorted(prompts):  # one prompt per dataset in practice
+            rows = [i for i, e in enumerate(chunk) if e.prefix == prompt]
+            sizes = [greys[i].shape for i in rows]
+            outputs = segmenter.predict_inputs(inputs[rows], sizes, prompt)
+            predictions += list(zip(rows, outputs, strict=True))
+        decode_seconds += time.perf_counter() - tick
+        for index, prediction in sorted(predictions, key=lambda item: item[0]):
+            example, grey = chunk[index], greys[index]
+            gt = codec.reference_mask(grey)
+            gt_objects = len(codec_parse(example.suffix))
+            iou = accumulator.add(
+                prediction.mask, gt, prediction.valid, prediction.objects, gt_objects
+            )
+            ceiling = codec.ceiling_iou(grey)
+            ceilings.append(ceiling)
+            records.append(
+                {
+                    "image": _display_path(example.image),
+                    "text": prediction.text,
+                    "iou": iou,
+                    "valid": prediction.valid,
+                    "objects": prediction.objects,
+                    "invalid_objects": prediction.invalid_objects,
+                    "finished": prediction.finished,
+                    "gt_objects": gt_objects,
+                    "ceiling_iou": ceiling,
+                }
+            )
+            if len(sheet_rows) < num_rows:
+                sheet_rows.append(
+                    {"image": example.image, "gt": gt, "prediction": prediction, "iou": iou}
+                )
+    result = {
+        "split": split,
+        "step": step,
+        **accumulator.result(),
+        "ceiling_miou": float(np.mean(ceilings)) if ceilings else 0.0,
+        "invalid_objects": int(sum(r["invalid_objects"] for r in records)),
+        "constrained": bool(cfg.decode.constrained),
+        "decode_seconds": decode_seconds,
+        "seconds": time.perf_counter() - start,
+    }
+    if jax.process_index() == 0:
+        _write_outputs(result, records, sheet_rows, workdir, step)
+    return result
+
+
+def codec_parse(suffix: str) -> list[Any]:
+    """Objects of a ground-truth suffix (for the object-count error)."""
+    from paligemma_seg.segtokens import codec as codec_lib
+
+    return codec_lib.parse_suffix(suffix)
+
+
+def _write_outputs(
+    result: dict[str, Any],
+    records: list[dict[str, Any]],
+    sheet_rows: list[dict[str, Any]],
+    workdir: str,
+    step: int | None,
+) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    result["contact_sheet"] = _contact_sheet(sheet_rows, workdir, step) if sheet_rows else None
+    _write_json(os.path.join(workdir, "eval.json"), result)
+    with open(os.path.join(workdir, "eval_examples.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    if step is not None:
+        curve = {"step": step, **{f"eval_{k}": result[k] for k in metrics.METRIC_NAMES}}
+        with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(curve) + "\n")
+    logging.info(
+        "eval %s (step %s): mIoU %.4f cIoU %.4f valid %.3f ceiling %.4f on %d images -> %s",
+        result["split"], step, result["miou"], result["ciou"], result["valid_rate"],
+        result["ceiling_miou"], result["num_images"], workdir,
+    )  # fmt: skip
+
+
+def main(argv: Sequence[str]) -> int:
+    """The CLI; returns the exit status (1: bad arguments or missing files)."""
+    predict.start_up()
+    try:
+        values, positional = predict.parse_flags(
+            argv,
+            [
+                ("workdir", "Where eval.json etc. go and weights are looked for."),
+                ("split", "Split to score (default: the config's eval.split)."),
+            ],
+        )
+        if positional:
+            raise ValueError(f"unexpected arguments {positional}")
+        cfg = values.config
+        workdir = values.workdir or cfg.workdir
+        if not workdir:
+            raise ValueError("no workdir: pass --workdir DIR or set the config's `workdir`.")
+        model, params, mesh = predict.load_model(cfg, values.checkpoint, workdir)
+        with jax.set_mesh(mesh):
+            result = run_evaluation(cfg, model, params, workdir, values.split or cfg.eval.split)
+    except ValueError as error:
+        logging.error("%s", error)
+        return 1
+    if jax.process_index() == 0:
+        keys = ("miou", "ciou", "valid_rate", "ceiling_miou", "num_images")
+        print(json.dumps({key: result[key] for key in keys}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,220 @@
+"""Turns an experiment ConfigDict into objects, in one place: model, tokenizer, codec, weights, data files.
+
+Every function here reads the config and fails early with a message that names the missing file, where it
+was expected and how to get it. Training, evaluation and prediction all build their objects through here;
+nothing else reads `cfg.model`, `cfg.tokenizer`, `cfg.codec`, `cfg.init` or the data-preparation keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+
+from paligemma_seg import checkpoint
+from paligemma_seg.model import PaliGemma, PaliGemmaConfig, get_preset, init_params
+
+_REAL_HELP = (
+    'See the README section "With real weights", or run `python scripts/download_weights.py{args}` '
+    "(needs the internet; model weights also need the licence accepted on Kaggle or Hugging Face)."
+)
+_SMALL_HELP = {
+    "tokenizer_small.model": "It ships in git: `git checkout -- checkpoints/tokenizer_small.model`, or "
+    "rebuild it with `python scripts/make_small_tokenizer.py`.",
+    "vqvae_small.npz": "It ships in git: `git checkout -- checkpoints/vqvae_small.npz`, or retrain it with "
+    "`python -m paligemma_seg.segtokens.train_vqvae` (see checkpoints/README.md).",
+}
+
+
+def _missing(kind: str, path: str, key: str, download_args: str = "") -> ValueError:
+    """A ValueError for a missing file: what, where, which config key, and how to get it."""
+    name = os.path.basename(path)
+    how = _SMALL_HELP.get(name) or _REAL_HELP.format(args=download_args)
+    return ValueError(
+        f"{kind} not found: {path} (expected at {os.path.abspath(path)}; config key {key}). {how} "
+        f"Or point --config.{key} at your copy."
+    )
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> PaliGemmaConfig:
+    """The preset named by `cfg.model.preset` with `cfg.model.overrides` applied."""
+    overrides = cfg.model.overrides.to_dict()
+    return get_preset(cfg.model.preset, compat=cfg.model.compat, **overrides)
+
+
+def build_model(cfg: ml_collections.ConfigDict) -> tuple[PaliGemma, PaliGemmaConfig]:
+    """(PaliGemma module, its config) from the `model` section."""
+    config = model_config(cfg)
+    return PaliGemma(config), config
+
+
+def load_tokenizer(cfg: ml_collections.ConfigDict) -> Any:
+    """The SentencePiece tokenizer at `cfg.tokenizer`, checked against the model's vocabulary."""
+    from paligemma_seg.tokenizer import Tokenizer
+
+    if not os.path.isfile(cfg.tokenizer):
+        raise _missing("tokenizer", cfg.tokenizer, "tokenizer", " --only tokenizer")
+    tokenizer = Tokenizer.load(cfg.tokenizer)
+    vocab = model_config(cfg).llm.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(
+            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary has "
+            f"{vocab} rows; set --config.model.overrides.llm.vocab_size={tokenizer.vocab_size} or use "
+            "the tokenizer that belongs to the weights."
+        )
+    return tokenizer
+
+
+def codec_config(cfg: ml_collections.ConfigDict) -> Any:
+    """`CodecConfig` from the `codec` section (every key but `vqvae`)."""
+    from paligemma_seg.segtokens.codec import CodecConfig
+
+    fields = {k: v for k, v in cfg.codec.to_dict().items() if k != "vqvae"}
+    return CodecConfig(**fields)
+
+
+def load_codec(cfg: ml_collections.ConfigDict) -> Any:
+    """The mask codec: VQ-VAE weights at `cfg.codec.vqvae` + the other `codec` keys."""
+    from paligemma_seg.segtokens import codec, vqvae
+
+    if not os.path.isfile(cfg.codec.vqvae):
+        raise _missing("mask VQ-VAE", cfg.codec.vqvae, "codec.vqvae", " --only vae")
+    return codec.MaskCodec(vqvae.load(cfg.codec.vqvae), codec_config(cfg))
+
+
+def _download_args(cfg: ml_collections.ConfigDict) -> str:
+    preset = cfg.model.preset
+    return f" --model {preset}" if preset.startswith("pg") else ""
+
+
+def check_init(cfg: ml_collections.ConfigDict) -> str:
+    """'' | 'orbax' | 'weights': which kind `cfg.init` is; a missing path raises."""
+    if not cfg.init:
+        return ""
+    if not os.path.exists(cfg.init):
+        raise _missing("initial weights", cfg.init, "init", _download_args(cfg))
+    return "orbax" if checkpoint.is_orbax_checkpoint(cfg.init) else "weights"
+
+
+def load_weights(cfg: ml_collections.ConfigDict, config: PaliGemmaConfig) -> dict[str, Any]:
+    """Host (numpy) parameters from a big_vision .npz or an HF directory, checked against `config`."""
+    from paligemma_seg import weights
+
+    _, params = weights.load(
+        cfg.init, preset=None, compat=cfg.model.compat, **_as_overrides(config)
+    )
+    return params
+
+
+def _as_overrides(config: PaliGemmaConfig) -> dict[str, Any]:
+    """The full config as `weights.load` overrides, so the file must match it exactly."""
+    import dataclasses
+
+    return {
+        "vision": dataclasses.asdict(config.vision),
+        "llm": dataclasses.asdict(config.llm),
+        "dtype": config.dtype,
+        "param_dtype": config.param_dtype,
+        "remat": config.remat,
+        "scan_layers": config.scan_layers,
+    }
+
+
+def initial_params(
+    cfg: ml_collections.ConfigDict, model: PaliGemma, rng: jax.Array, shardings: Any = None
+) -> dict[str, Any]:
+    """Parameters to start from: `cfg.init` (npz, HF directory or orbax checkpoint) or random init.
+
+    With `shardings` (tree of jax.sharding.Sharding) arrays are created/placed already split, so a
+    parameter never has to fit whole on one device.
+    """
+    config = model.config
+    kind = check_init(cfg)
+    if kind == "":
+        init = lambda key: init_params(config, key)
+        return jax.jit(init, out_shardings=shardings)(rng)
+    if kind == "orbax":
+        from paligemma_seg.model import param_shapes
+
+        abstract = param_shapes(config)
+        if shardings is not None:
+            abstract = jax.tree_util.tree_map(
+                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+            )
+        else:
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            abstract = jax.tree_util.tree_map(
+                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
+            )
+        return checkpoint.restore_params(cfg.init, abstract)
+    host = load_weights(cfg, config)
+    if shardings is None:
+        return jax.tree_util.tree_map(jax.device_put, host)
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        host,
+        shardings,
+    )
+
+
+def split_jsonl(cfg: ml_collections.ConfigDict, split: str) -> str:
+    """Path of `split`'s JSONL file (it may not exist yet; see `prepare_data`)."""
+    return os.path.join(cfg.data.jsonl_dir, f"{split}.jsonl")
+
+
+def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict[str, str]:
+    """Makes sure `splits` exist as JSONL: generates synthetic tiles and runs the convert CLI if needed.
+
+    Returns split -> JSONL path. Only process 0 writes; the others wait for it.
+    """
+    paths = {split: split_jsonl(cfg, split) for split in splits}
+    missing = [s for s, p in paths.items() if not os.path.isfile(p)]
+    if missing and jax.process_index() == 0:
+        synthetic = cfg.data.synthetic
+        if synthetic.num_images > 0 and not os.path.isdir(cfg.data.images):
+            from paligemma_seg.data import synthetic as synthetic_lib
+
+            out = pathlib.Path(cfg.data.images).parent
+            synthetic_lib.generate(out, synthetic.num_images, synthetic.size, synthetic.seed)
+        _convert(cfg)
+    if missing and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("prepare_data")
+    still = [p for p in paths.values() if not os.path.isfile(p)]
+    if still:
+        raise ValueError(
+            f"{', '.join(still)} not found after conversion; check that data.splits "
+            f"({sorted(cfg.data.splits.to_dict())}) names the splits {list(splits)}."
+        )
+    return paths
+
+
+def _convert(cfg: ml_collections.ConfigDict) -> None:
+    """Runs the convert CLI (paligemma_seg.data.convert) on data.images/masks with the config's codec."""
+    for key in ("images", "masks"):
+        if not os.path.isdir(cfg.data[key]):
+            raise ValueError(
+                f"data.{key} folder {cfg.data[key]} not found (expected at "
+                f"{os.path.abspath(cfg.data[key])}); point --config.data.{key} at it."
+            )
+    from paligemma_seg.data import convert
+
+    report = convert.convert(
+        cfg.data.images,
+        cfg.data.masks,
+        cfg.data.jsonl_dir,
+        cfg.data.splits.to_dict(),
+        prefix=cfg.data.prefix,
+        codec=load_codec(cfg),
+    )
+    logging.info(
+        "Converted %d image/mask pairs into %s (ceiling mIoU %s)",
+        len(report.get("images", [])),
+        cfg.data.jsonl_dir,
+        report.get("ceiling_miou"),
+    )

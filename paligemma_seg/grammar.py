@@ -1,0 +1,319 @@
+"""Constrained decoding: a token-level grammar of segmentation outputs, applied as a logit mask.
+
+The language is the codec's output format, in token ids:
+
+    EOS                                        (empty mask: the suffix is the empty string)
+  | OBJ (MID OBJ)* END EOS                     OBJ = <loc>y1 <loc>x1 <loc>y2 <loc>x2 <seg>x16
+
+MID (label + separator, e.g. " water ; ") and END (label, e.g. " water") are the exact token
+sequences the tokenizer produces in context; `Grammar.from_suffix` reads them off a real two-object
+suffix, so the grammar fits any tokenizer. Boxes satisfy y1 + gap_y <= y2 and x1 + gap_x <= x2:
+gap 1 is the codec's parse rule (y2 > y1); given the size of the image an output is decoded at, the
+gap grows to ceil(1023 / side) so that the box also keeps at least one pixel after the codec's floor
+decoding (pixel = floor(loc * side / 1023)). The object count is capped, also by what fits in the
+decoding budget, so a constrained output is never cut short.
+
+The grammar is a small automaton over per-example integer state. `allowed_tokens` and `advance` are
+pure jnp functions of (tables, state, ...) meant to run inside the jitted decoding loop:
+
+  state 0          START: <loc> (y1 of the first object) or EOS
+  states 1..3      the other three locs: x1, y2 >= y1 + gap_y, x2 >= x1 + gap_x
+  states 4..19     the 16 segs
+  states 20..      a trie over END+[EOS] and MID+[<loc>] (the tail of an object)
+  last state       DONE
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Token classes.
+OTHER, LOC, SEG, EOS = 0, 1, 2, 3
+# What a <loc> token is in a given state.
+ROLE_NONE, ROLE_Y1, ROLE_X1, ROLE_Y2, ROLE_X2 = 0, 1, 2, 3, 4
+
+START = 0
+FIRST_SEG = 4
+TAIL_ROOT = FIRST_SEG + 16
+NUM_LOCS, NUM_SEGS = 4, 16
+TOKENS_PER_OBJECT = NUM_LOCS + NUM_SEGS
+
+
+@flax.struct.dataclass
+class GrammarTables:
+    """Static description of the grammar (a pytree of arrays; pass it into jitted functions).
+
+    V: the model's vocabulary size; S: number of automaton states; K: widest literal branching.
+    """
+
+    token_class: jax.Array  # int32[V]: OTHER, LOC, SEG or EOS
+    loc_value: jax.Array  # int32[V]: bin of a <loc> token (0..num_bins-1), -1 for other tokens
+    allow_loc: jax.Array  # bool[S]
+    allow_seg: jax.Array  # bool[S]
+    allow_eos: jax.Array  # bool[S]
+    loc_role: jax.Array  # int32[S]: ROLE_* of a <loc> read in this state
+    loc_next: jax.Array  # int32[S]: state after a <loc>
+    seg_next: jax.Array  # int32[S]: state after a <seg>
+    literal_ids: jax.Array  # int32[S, K]: allowed plain tokens, padded with V (never matches)
+    literal_next: jax.Array  # int32[S, K]: state after each literal
+    literal_more: jax.Array  # bool[S, K]: the literal commits to one more object
+    max_objects: jax.Array  # int32[]: cap on objects (already reduced to what fits the budget)
+    gap: jax.Array  # int32[]: y2 - y1 and x2 - x1 must be >= gap (1 strict, 0 not)
+    num_bins: jax.Array  # int32[]: number of <loc> bins (1024)
+
+    @property
+    def done_state(self) -> int:
+        return self.allow_loc.shape[0] - 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.token_class.shape[0]
+
+
+@flax.struct.dataclass
+class GrammarState:
+    """Per-example automaton state, all int32[B]."""
+
+    state: jax.Array
+    objects: jax.Array  # objects started so far
+    y1: jax.Array  # y1 bin of the current object
+    x1: jax.Array  # x1 bin of the current object
+    gap_y: jax.Array  # least y2 - y1 in bins
+    gap_x: jax.Array  # least x2 - x1 in bins
+
+
+def initial_state(
+    tables: GrammarTables, batch_size: int, image_sizes: jax.Array | None = None
+) -> GrammarState:
+    """Start state. `image_sizes` int32[B, 2] (height, width) of the images the outputs are
+    decoded at widen the strict gap so no box collapses below one pixel (None: the tables' gap)."""
+    zeros = jnp.zeros((batch_size,), jnp.int32)
+    gap_y = gap_x = jnp.full((batch_size,), tables.gap, jnp.int32)
+    if image_sizes is not None:
+        sides = jnp.maximum(jnp.asarray(image_sizes, jnp.int32), 1)
+        pixel_gap = -((1 - tables.num_bins) // sides)  # ceil((num_bins - 1) / side)
+        pixel_gap = jnp.where(tables.gap > 0, jnp.maximum(pixel_gap, tables.gap), 0)
+        gap_y, gap_x = pixel_gap[:, 0], pixel_gap[:, 1]
+    return GrammarState(state=zeros, objects=zeros, y1=zeros, x1=zeros, gap_y=gap_y, gap_x=gap_x)
+
+
+def max_objects_in_budget(max_new_tokens: int, mid_len: int, end_len: int) -> int:
+    """Largest n with 20n + (n-1)·|MID| + |END| + 1 (EOS) <= max_new_tokens."""
+    if max_new_tokens < TOKENS_PER_OBJECT + end_len + 1:
+        return 0
+    return (max_new_tokens - 1 - end_len + mid_len) // (TOKENS_PER_OBJECT + mid_len)
+
+
+def split_suffix_tokens(
+    ids: Sequence[int], loc_ids: Sequence[int], seg_ids: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """(MID, END) from the token ids of a two-object suffix `OBJ MID OBJ END`."""
+    loc_set, seg_set = set(int(i) for i in loc_ids), set(int(i) for i in seg_ids)
+    expected = "4 <loc> + 16 <seg>, label and separator, 4 <loc> + 16 <seg>, label"
+
+    def read_object(position: int) -> int:
+        pattern = [loc_set] * NUM_LOCS + [seg_set] * NUM_SEGS
+        for offset, allowed in enumerate(pattern):
+            if position + offset >= len(ids) or int(ids[position + offset]) not in allowed:
+                raise ValueError(f"example suffix ids {list(ids)} are not {expected}")
+        return position + TOKENS_PER_OBJECT
+
+    position = read_object(0)
+    mid_start = position
+    while position < len(ids) and int(ids[position]) not in loc_set | seg_set:
+        position += 1
+    mid = [int(i) for i in ids[mid_start:position]]
+    end_start = read_object(position)
+    end = [int(i) for i in ids[end_start:]]
+    if any(i in loc_set | seg_set for i in end):
+        raise ValueError(f"example suffix ids {list(ids)} hold more than two objects: {expected}")
+    return mid, end
+
+
+class Grammar:
+    """Builds `GrammarTables` for a vocabulary layout and a (MID, END) pair."""
+
+    @staticmethod
+    def build(
+        vocab_size: int,
+        loc_ids: Sequence[int],
+        seg_ids: Sequence[int],
+        eos_id: int,
+        mid: Sequence[int],
+        end: Sequence[int],
+        max_objects: int,
+        max_new_tokens: int,
+        strict_boxes: bool = True,
+    ) -> GrammarTables:
+        """Tables of the grammar.
+
+        Args:
+          vocab_size: the model's vocabulary size V (may exceed the tokenizer's; extra ids are
+            never allowed).
+          loc_ids: ids of <loc0000>.. in bin order; seg_ids: ids of <seg000>.. (any order).
+          eos_id: the end-of-sequence id.
+          mid: tokens between two objects (label + separator).
+          end: tokens after the last object (label).
+          max_objects: cap on the number of objects.
+          max_new_tokens: the decoding budget; the cap is lowered so every output ends in it.
+          strict_boxes: require y2 > y1 and x2 > x1 (else >=).
+        """
+        mid, end = [int(i) for i in mid], [int(i) for i in end]
+        special = set(int(i) for i in loc_ids) | set(int(i) for i in seg_ids) | {int(eos_id)}
+        if special & (set(mid) | set(end)):
+            raise ValueError(f"label/separator tokens {mid} / {end} may not be <loc>/<seg>/EOS")
+        token_class = np.full((vocab_size,), OTHER, np.int32)
+        loc_value = np.full((vocab_size,), -1, np.int32)
+        token_class[np.asarray(loc_ids)] = LOC
+        loc_value[np.asarray(loc_ids)] = np.arange(len(loc_ids), dtype=np.int32)
+        token_class[np.asarray(seg_ids)] = SEG
+        token_class[eos_id] = EOS
+
+        # Trie over the two ways an object's tail can go: END then EOS, or MID then the next object.
+        nodes: list[dict] = [{"children": {}, "eos": False, "loc": False, "on_end": True}]
+        for path, is_end in ((end, True), (mid, False)):
+            node = 0
+            for token in path:
+                children = nodes[node]["children"]
+                if token not in children:
+                    children[token] = len(nodes)
+                    nodes.append({"children": {}, "eos": False, "loc": False, "on_end": False})
+                node = children[token]
+                nodes[node]["on_end"] |= is_end
+            nodes[node]["eos" if is_end else "loc"] = True
+
+        num_states = TAIL_ROOT + len(nodes) + 1
+        done = num_states - 1
+        width = max(1, max(len(node["children"]) for node in nodes))
+        allow_loc = np.zeros((num_states,), bool)
+        allow_seg = np.zeros((num_states,), bool)
+        allow_eos = np.zeros((num_states,), bool)
+        loc_role = np.zeros((num_states,), np.int32)
+        loc_next = np.full((num_states,), done, np.int32)
+        seg_next = np.full((num_states,), done, np.int32)
+        literal_ids = np.full((num_states, width), vocab_size, np.int32)
+        literal_next = np.full((num_states, width), done, np.int32)
+        literal_more = np.zeros((num_states, width), bool)
+
+        allow_eos[START] = True
+        allow_loc[START], loc_role[START], loc_next[START] = True, ROLE_Y1, 1
+        for state, role in ((1, ROLE_X1), (2, ROLE_Y2), (3, ROLE_X2)):
+            allow_loc[state], loc_role[state], loc_next[state] = True, role, state + 1
+        for state in range(FIRST_SEG, TAIL_ROOT):
+            allow_seg[state], seg_next[state] = True, state + 1
+        for index, node in enumerate(nodes):
+            state = TAIL_ROOT + index
+            allow_eos[state] = node["eos"]
+            if node["loc"]:
+                allow_loc[state], loc_role[state], loc_next[state] = True, ROLE_Y1, 1
+            for k, (token, child) in enumerate(sorted(node["children"].items())):
+                literal_ids[state, k] = token
+                literal_next[state, k] = TAIL_ROOT + child
+                literal_more[state, k] = not nodes[child]["on_end"]
+        allow_eos[done] = True  # decoding pads after EOS; this only keeps the mask non-empty.
+
+        cap = min(max_objects, max_objects_in_budget(max_new_tokens, len(mid), len(end)))
+        return GrammarTables(
+            token_class=jnp.asarray(token_class),
+            loc_value=jnp.asarray(loc_value),
+            allow_loc=jnp.asarray(allow_loc),
+            allow_seg=jnp.asarray(allow_seg),
+            allow_eos=jnp.asarray(allow_eos),
+            loc_role=jnp.asarray(loc_role),
+            loc_next=jnp.asarray(loc_next),
+            seg_next=jnp.asarray(seg_next),
+            literal_ids=jnp.asarray(literal_ids),
+            literal_next=jnp.asarray(literal_next),
+            literal_more=jnp.asarray(literal_more),
+            max_objects=jnp.asarray(cap, jnp.int32),
+            gap=jnp.asarray(1 if strict_boxes else 0, jnp.int32),
+            num_bins=jnp.asarray(len(loc_ids), jnp.int32),
+        )
+
+    @staticmethod
+    def from_suffix(
+        tokenizer,
+        example_suffix: str,
+        vocab_size: int,
+        max_objects: int,
+        max_new_tokens: int,
+        strict_boxes: bool = True,
+    ) -> GrammarTables:
+        """Tables with MID/END read off `tokenizer.encode(example_suffix)` (two objects)."""
+        loc_ids = np.asarray(tokenizer.loc_ids)
+        seg_ids = np.asarray(tokenizer.seg_ids)
+        mid, end = split_suffix_tokens(tokenizer.encode(example_suffix), loc_ids, seg_ids)
+        return Grammar.build(
+            vocab_size=vocab_size,
+            loc_ids=loc_ids,
+            seg_ids=seg_ids,
+            eos_id=tokenizer.eos_id,
+            mid=mid,
+            end=end,
+            max_objects=max_objects,
+            max_new_tokens=max_new_tokens,
+            strict_boxes=strict_boxes,
+        )
+
+
+def allowed_tokens(tables: GrammarTables, state: GrammarState) -> jax.Array:
+    """bool[B, V]: the tokens each example may emit next."""
+    s = state.state
+    vocab = tables.vocab_size
+    role = tables.loc_role[s]
+    more_ok = state.objects < tables.max_objects  # may start one more object
+
+    lower = jnp.where(role == ROLE_Y2, state.y1 + state.gap_y, 0)
+    lower = jnp.where(role == ROLE_X2, state.x1 + state.gap_x, lower)
+    upper = tables.num_bins - 1 - jnp.where(role == ROLE_Y1, state.gap_y, 0)
+    upper = upper - jnp.where(role == ROLE_X1, state.gap_x, 0)
+    loc_ok = tables.allow_loc[s] & ((role != ROLE_Y1) | more_ok)
+    value = tables.loc_value[None, :]
+    allowed = (tables.token_class[None, :] == LOC) & (
+        loc_ok[:, None] & (value >= lower[:, None]) & (value <= upper[:, None])
+    )
+    allowed |= (tables.token_class[None, :] == SEG) & tables.allow_seg[s][:, None]
+    allowed |= (tables.token_class[None, :] == EOS) & tables.allow_eos[s][:, None]
+
+    literal_ok = ~tables.literal_more[s] | more_ok[:, None]  # [B, K]
+    literal = jnp.where(literal_ok, tables.literal_ids[s], vocab)
+    rows = jnp.broadcast_to(jnp.arange(s.shape[0])[:, None], literal.shape)
+    return allowed.at[rows, literal].set(True, mode="drop")
+
+
+def mask_logits(tables: GrammarTables, state: GrammarState, logits: jax.Array) -> jax.Array:
+    """float[B, V] logits with every disallowed token at the dtype's lowest value."""
+    allowed = allowed_tokens(tables, state)
+    return jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
+
+
+def advance(tables: GrammarTables, state: GrammarState, tokens: jax.Array) -> GrammarState:
+    """State after each example emits `tokens` (int32[B]); a forbidden token leads to DONE."""
+    s = state.state
+    token_class = tables.token_class[tokens]
+    is_loc = token_class == LOC
+    role = jnp.where(is_loc, tables.loc_role[s], ROLE_NONE)
+    value = tables.loc_value[tokens]
+    matches = tables.literal_ids[s] == tokens[:, None]  # [B, K]
+    literal_next = jnp.take_along_axis(
+        tables.literal_next[s], jnp.argmax(matches, axis=1)[:, None], axis=1
+    )[:, 0]
+    done = tables.done_state
+    next_state = jnp.where(jnp.any(matches, axis=1), literal_next, done)
+    next_state = jnp.where(is_loc, tables.loc_next[s], next_state)
+    next_state = jnp.where(token_class == SEG, tables.seg_next[s], next_state)
+    next_state = jnp.where(token_class == EOS, done, next_state)
+    next_state = jnp.where(s == done, done, next_state)
+    return GrammarState(
+        state=next_state,
+        objects=state.objects + (role == ROLE_Y1).astype(jnp.int32),
+        y1=jnp.where(role == ROLE_Y1, value, state.y1),
+        x1=jnp.where(role == ROLE_X1, value, state.x1),
+        gap_y=state.gap_y,
+        gap_x=state.gap_x,
+    )

@@ -1,0 +1,257 @@
+"""Gemma 1 / Gemma 2 decoder: embedder, scanned blocks (optionally writing a KV cache), logits.
+
+Owns the `llm/...` half of the parameter tree (big_vision names, blocks stacked on axis 0). Masks
+and cache bookkeeping (positions, valid slots) come from the caller (`paligemma.py`).
+Einsum letters: B batch, T query length, S key/value length (cache slots when cached), N query
+heads, K kv heads, G query heads per kv head (N = K * G; head n uses kv head n // G), H head dim,
+D width, F MLP hidden, V vocabulary, C the stacked q/k/v (or k/v) axis.
+dtype policy (see `layers.py`): RoPE, attention logits, soft-caps, softmax, logits in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from paligemma_seg.model import layers
+from paligemma_seg.model.config import GemmaConfig
+
+# Finite "minus infinity": a fully masked row (a padding query) gives a uniform softmax, not NaN.
+_MASKED = -2.3819763e38
+
+
+@flax.struct.dataclass
+class AttentionInputs:
+    """What every block needs besides its input; broadcast to all layers."""
+
+    positions: jax.Array  # int32[B, T]: RoPE position of each query token.
+    mask: jax.Array  # bool[B, T, S]: query t may attend to key s (global layers).
+    local_mask: jax.Array | None = None  # bool[B, T, S], sliding-window layers; None = off.
+    cache_index: jax.Array | None = None  # int32[]: cache slot of the first query (cached).
+
+
+@flax.struct.dataclass
+class LayerCache:
+    """Keys and values, cache_dtype[L, B, S, K, H] (inside the scan: one layer, [B, S, K, H])."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """RoPE ("rotate half" pairing) of x [B, T, N, H] at int positions [B, T] -> float32."""
+    half = x.shape[-1] // 2
+    inverse_freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    # [B, T, 1, H/2]
+    angles = (positions.astype(jnp.float32)[..., None] * inverse_freq)[..., None, :]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return jnp.tanh(x / cap) * cap if cap else x
+
+
+def _fan_in_normal(in_axis: int | tuple[int, ...], out_axis: int | tuple[int, ...]) -> Any:
+    return nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+    )
+
+
+class Embedder(nn.Module):
+    """Tied token embedding `input_embedding` [V, D]: encode tokens, decode logits."""
+
+    config: GemmaConfig
+    dtype: Any
+    param_dtype: Any
+
+    def setup(self) -> None:
+        self.input_embedding = layers.make_param(
+            self, "input_embedding",
+            nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=0),
+            (self.config.vocab_size, self.config.width), ("vocab", "embed"), self.param_dtype,
+        )  # fmt: skip
+
+    def encode(self, tokens: jax.Array) -> jax.Array:
+        """tokens int32[B, T] -> `dtype`[B, T, D] times sqrt(D), the factor cast to `dtype` first.
+
+        transformers casts the factor the same way (sqrt(2048) = 45.25 in bfloat16).
+        """
+        x = jnp.take(self.input_embedding, tokens, axis=0).astype(self.dtype)
+        return x * jnp.asarray(self.config.width**0.5, self.dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """x `dtype`[B, T, D] -> float32[B, T, V] logits, final soft-cap applied if configured."""
+        table = self.input_embedding.astype(self.dtype)
+        logits = jnp.einsum("BTD,VD->BTV", x, table, preferred_element_type=jnp.float32)
+        logits = _softcap(logits, self.config.final_logits_softcap)
+        return layers.constrain(logits, ("batch", "length", "vocab"))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with RoPE, optional logit soft-cap and an optional cache write."""
+
+    config: GemmaConfig
+    dtype: Any
+    param_dtype: Any
+
+    def _project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shape = (cfg.num_heads, cfg.width, cfg.head_dim)
+        if cfg.num_kv_heads == cfg.num_heads:  # big_vision fuses q/k/v when there are no groups.
+            qkv = layers.Einsum(
+                shape=(3, *shape), axes=(None, "heads", "embed", "head_dim"),
+                init=_fan_in_normal(2, (0, 1, 3)), name="qkv_einsum", **kw,
+            )("BTD,CNDH->CBTNH", x)  # fmt: skip
+            return qkv[0], qkv[1], qkv[2]
+        q = layers.Einsum(
+            shape=shape, axes=("heads", "embed", "head_dim"), init=_fan_in_normal(1, (0, 2)),
+            name="q_einsum", **kw,
+        )("BTD,NDH->BTNH", x)  # fmt: skip
+        k, v = layers.Einsum(
+            shape=(2, cfg.num_kv_heads, cfg.width, cfg.head_dim),
+            axes=(None, "kv_heads", "embed", "head_dim"), init=_fan_in_normal(2, (0, 1, 3)),
+            name="kv_einsum", **kw,
+        )("BSD,CKDH->CBSKH", x)  # fmt: skip
+        return q, k, v
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, inputs: AttentionInputs, mask: jax.Array, cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x `dtype`[B, T, D], mask bool[B, T, S] -> (`dtype`[B, T, D], cache, T keys added)."""
+        cfg = self.config
+        q, k, v = self._project_qkv(x)
+        q = (apply_rope(q, inputs.positions, cfg.rope_base) * cfg.query_scale).astype(self.dtype)
+        k = apply_rope(k, inputs.positions, cfg.rope_base).astype(self.dtype)
+        q = layers.constrain(q, ("batch", "length", "heads", "head_dim"))
+        if cache is not None:
+            start = (0, inputs.cache_index, 0, 0)
+            cache = LayerCache(
+                k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+            )
+            k, v = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+        batch, length = q.shape[:2]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        # [B, T, K, G, H]
+        q = q.reshape(batch, length, cfg.num_kv_heads, groups, cfg.head_dim)
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32)
+        logits = _softcap(logits, cfg.attn_logits_softcap)
+        logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+        encoded = encoded.reshape(batch, length, cfg.num_heads, cfg.head_dim)
+        out = layers.Einsum(
+            shape=(cfg.num_heads, cfg.head_dim, cfg.width), axes=("heads", "head_dim", "embed"),
+            init=_fan_in_normal((0, 1), 2), dtype=self.dtype, param_dtype=self.param_dtype,
+            name="attn_vec_einsum",
+        )  # fmt: skip
+        return out("BTNH,NHD->BTD", encoded), cache
+
+
+class FeedForward(nn.Module):
+    """GeGLU: (gelu_tanh(x W_gate) * x W_up) W_down; `gating_einsum` [2, D, F], `linear` [F, D]."""
+
+    config: GemmaConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        gating = layers.make_param(
+            self, "gating_einsum", _fan_in_normal(1, (0, 2)), (2, cfg.width, cfg.mlp_dim),
+            (None, "embed", "mlp"), self.param_dtype,
+        ).astype(self.dtype)  # fmt: skip
+        linear = layers.make_param(
+            self, "linear", _fan_in_normal(0, 1), (cfg.mlp_dim, cfg.width), ("mlp", "embed"),
+            self.param_dtype,
+        ).astype(self.dtype)  # fmt: skip
+        gate = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", x, gating[0]), approximate=True)
+        hidden = layers.constrain(gate * jnp.einsum("BTD,DF->BTF", x, gating[1]),
+                                  ("batch", "length", "mlp"))  # fmt: skip
+        return jnp.einsum("BTF,FD->BTD", hidden, linear)
+
+
+class Block(nn.Module):
+    """One decoder layer; scanned over depth with the layer index and its cache slice as inputs."""
+
+    config: GemmaConfig
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        layer: tuple[jax.Array, LayerCache | None],
+        inputs: AttentionInputs,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: layers.RMSNorm(eps=cfg.norm_eps, name=name, **kw)
+        layer_index, cache = layer
+        mask = inputs.mask
+        if inputs.local_mask is not None:  # transformers: layers 0, 2, 4, ... use the window.
+            mask = jnp.where(layer_index % 2 == 0, inputs.local_mask, inputs.mask)
+        x = layers.constrain(x, layers.ACTIVATION)
+        attended, cache = Attention(cfg, name="attn", **kw)(
+            norm("pre_attention_norm")(x), inputs, mask, cache
+        )
+        if cfg.post_norms:
+            attended = norm("post_attention_norm")(attended)
+        x = x + attended
+        fed = FeedForward(cfg, name="mlp", **kw)(norm("pre_ffw_norm")(x))
+        if cfg.post_norms:
+            fed = norm("post_ffw_norm")(fed)
+        return layers.constrain(x + fed, layers.ACTIVATION), cache
+
+
+class Gemma(nn.Module):
+    """The decoder: `embed` tokens, run the blocks (`__call__`), `logits` from hidden states."""
+
+    config: GemmaConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    remat: bool = False
+    scan_layers: bool = True
+
+    def setup(self) -> None:
+        kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embedder = Embedder(**kw)
+        blocks = layers.scan_blocks(
+            Block,
+            length=self.config.depth,
+            remat=self.remat,
+            scan_layers=self.scan_layers,
+            in_axes=(0, nn.broadcast),
+        )
+        self.layers = blocks(**kw)
+        self.final_norm = layers.RMSNorm(
+            eps=self.config.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        """tokens int32[B, T] -> `dtype`[B, T, D] (times sqrt(D))."""
+        return self.embedder.encode(tokens)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Normalised hidden `dtype`[B, T, D] -> float32[B, T, V]."""
+        return self.embedder.decode(hidden)
+
+    def __call__(
+        self, x: jax.Array, inputs: AttentionInputs, cache: LayerCache | None = None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x `dtype`[B, T, D] -> (final-normed hidden `dtype`[B, T, D], cache with keys written).
+
+        With a cache (k/v [L, B, S, K, H]) keys/values go to slots cache_index..+T and queries
+        attend over all S slots (inputs.mask is [B, T, S]); without one, over the T inputs.
+        """
+        layer_index = jnp.arange(self.config.depth, dtype=jnp.int32)
+        x, cache = self.layers(x.astype(self.dtype), (layer_index, cache), inputs)
+        return self.final_norm(x), cache

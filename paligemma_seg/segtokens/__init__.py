@@ -1,0 +1,1 @@
+"""Masks as text: the VQ-VAE (`vqvae`) and the mask <-> suffix codec (`codec`)."""

@@ -1,0 +1,422 @@
+"""Trains a vae-oid-shaped mask VQ-VAE on generated shapes plus real masks, and writes it in vae-oid
+format.
+
+    python -m paligemma_seg.segtokens.train_vqvae --masks ../shared/data/water_bodies/masks \
+        --list ../shared/data/water_bodies/train_images.txt --out checkpoints/vqvae_small.npz
+        --steps 3000
+
+Straight-through VQ with a commitment loss and an EMA codebook, dead-code restarts from encoder
+outputs, sigmoid cross-entropy on the decoder's raw output (> 0 = inside). Crops come from
+`codec.to_objects` (the codec's own boxes and resize) plus random windows. A slice of the real masks
+is held out for the final report (`OUT.json`). Resumable: the full state is saved to `OUT.state.npz`
+every --checkpoint-every steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from PIL import Image
+from tqdm import tqdm
+
+from paligemma_seg.segtokens import codec, shapes, vqvae
+
+MASK_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 64
+    learning_rate: float = 5e-4  # Adam peak, cosine decay to 10% after a short warm-up
+    warmup_steps: int = 100
+    commitment: float = 0.25  # weight of |z - sg(e)|^2
+    ema_decay: float = 0.99  # codebook EMA
+    restart_every: int = 100  # steps between dead-code restarts (codes unused in that window)
+    real_fraction: float = 0.5  # share of each batch drawn from real-mask crops
+    generated: int = 12000  # generated training crops
+    windows_per_mask: int = 24  # random windows per real mask (on top of the codec's own crops)
+    holdout_fraction: float = 0.1  # real masks held out (by name hash) for the report
+    seed: int = 0
+
+
+# ---------- data
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask file -> uint8 grey [H, W]."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L"))
+
+
+def list_masks(dirs: list[str], list_file: str | None) -> list[pathlib.Path]:
+    """Mask files in `dirs`, restricted to the names in `list_file` (one per line) when given."""
+    names = None
+    if list_file:
+        names = {line.strip() for line in open(list_file) if line.strip()}
+    paths = []
+    for directory in dirs:
+        for path in sorted(pathlib.Path(directory).iterdir()):
+            if path.suffix.lower() in MASK_EXTENSIONS and (names is None or path.name in names):
+                paths.append(path)
+    return paths
+
+
+def is_holdout(name: str, fraction: float) -> bool:
+    """Deterministic split by name: the same masks are held out on every run and machine."""
+    digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
+    return digest / 0xFFFFFFFF < fraction
+
+
+def _random_window(rng: np.random.Generator, binary: np.ndarray) -> np.ndarray:
+    height, width = binary.shape
+    h = int(rng.integers(min(8, height), height + 1))
+    w = int(np.clip(h * np.exp(rng.uniform(-1, 1)), min(8, width), width))
+    y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    return codec.resize_crop(binary[y : y + h, x : x + w])
+
+
+def crops_of(mask: np.ndarray, rng: np.random.Generator, windows: int) -> list[np.ndarray]:
+    """float32[64, 64] crops of one mask: the codec's per-object crops (with and without the other
+    parts in the box), its whole-mask crop, and `windows` random windows."""
+    crops = []
+    for config in (
+        codec.CodecConfig(max_objects=16),
+        codec.CodecConfig(max_objects=16, crop_others=False),
+        codec.CodecConfig(whole_mask=True),
+    ):
+        crops.extend(codec.to_objects(mask, config).crops[..., 0])
+    binary = codec.reference_mask(mask)
+    crops.extend(_random_window(rng, binary) for _ in range(windows))
+    return crops
+
+
+def generated_crops(count: int, seed: int) -> np.ndarray:
+    """float32[count, 64, 64] crops of generated shapes."""
+    rng = np.random.default_rng(seed)
+    crops: list[np.ndarray] = []
+    with tqdm(total=count, desc=f"shapes (seed {seed})", leave=False) as bar:
+        while len(crops) < count:
+            mask = shapes.random_mask(rng)
+            new = crops_of(mask, rng, windows=1)
+            picked = rng.choice(len(new), size=min(len(new), 3), replace=False)
+            crops.extend(new[i] for i in picked)
+            bar.update(len(picked))
+    return np.stack(crops[:count])
+
+
+def real_crops(paths: list[pathlib.Path], windows: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    crops = []
+    for path in tqdm(paths, desc="real masks", leave=False):
+        crops.extend(crops_of(read_mask(path), rng, windows))
+    return np.stack(crops) if crops else np.zeros((0, 64, 64), np.float32)
+
+
+def _to_uint8(crops: np.ndarray) -> np.ndarray:
+    return np.round(crops * 255).astype(np.uint8)
+
+
+def sample_batch(
+    rng: np.random.Generator, pools: list[np.ndarray], weights: list[float], size: int
+) -> np.ndarray:
+    """float32[size, 64, 64, 1] from uint8 pools, each crop under a random flip/rotation."""
+    weights = np.asarray(weights) / np.sum(weights)
+    which = rng.choice(len(pools), size=size, p=weights)
+    batch = np.stack([pools[p][rng.integers(len(pools[p]))] for p in which])
+    batch = np.where(rng.random(size)[:, None, None] < 0.5, batch, batch.transpose(0, 2, 1))
+    batch = batch[:, :: rng.choice([-1, 1]), :: rng.choice([-1, 1])]
+    return (batch.astype(np.float32) / 255.0)[..., None]
+
+
+# ---------- model
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class State:
+    step: jax.Array
+    params: dict  # all vqvae params except the codebook
+    opt_state: optax.OptState
+    codebook: jax.Array  # float32[128, 512]
+    ema_count: jax.Array  # float32[128]
+    ema_sum: jax.Array  # float32[128, 512]
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0,
+        cfg.learning_rate,
+        cfg.warmup_steps,
+        max(cfg.steps, cfg.warmup_steps + 1),
+        cfg.learning_rate * 0.1,
+    )
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+
+
+def init_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> State:
+    params = vqvae.init_params(jax.random.PRNGKey(cfg.seed))
+    codebook = params.pop("codebook")
+    return State(
+        jnp.zeros((), jnp.int32),
+        params,
+        tx.init(params),
+        codebook,
+        jnp.ones((vqvae.NUM_CODES,), jnp.float32),
+        jnp.array(codebook, copy=True),  # a separate buffer: the step donates the state
+    )
+
+
+def reconstruction_iou(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-crop IoU of (logits > 0) vs (targets > 0.5), float32[B]; empty vs empty = 1."""
+    prediction, target = logits > 0, targets > 0.5
+    inter = jnp.sum(prediction & target, axis=(1, 2, 3))
+    union = jnp.sum(prediction | target, axis=(1, 2, 3))
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+
+
+def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation):
+    """Returns train_step(state, masks float32[B, 64, 64, 1]) -> (state, metrics)."""
+
+    def loss_fn(params, codebook, masks):
+        features = vqvae.encoder(params, masks)  # [B, 4, 4, 512]
+        codes = vqvae.nearest_codes(features, codebook)  # [B, 4, 4]
+        quantized = codebook[codes]
+        straight_through = features + jax.lax.stop_gradient(quantized - features)
+        logits = vqvae.decoder(params, straight_through)
+        reconstruction = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, masks))
+        commitment = jnp.mean((features - jax.lax.stop_gradient(quantized)) ** 2)
+        loss = reconstruction + cfg.commitment * commitment
+        return loss, (features, codes, logits, reconstruction, commitment)
+
+    def train_step(state: State, masks: jax.Array):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (features, codes, logits, recon, commit)), grads = grad_fn(
+            state.params, state.codebook, masks
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        one_hot = jax.nn.one_hot(
+            codes.reshape(-1), vqvae.NUM_CODES, dtype=jnp.float32
+        )  # [B*16, 128]
+        counts = one_hot.sum(0)
+        decay = cfg.ema_decay
+        ema_count = decay * state.ema_count + (1 - decay) * counts
+        ema_sum = decay * state.ema_sum + (1 - decay) * one_hot.T @ features.reshape(
+            -1, vqvae.CODE_DIM
+        )
+        total = ema_count.sum()
+        smoothed = (
+            (ema_count + 1e-5) / (total + vqvae.NUM_CODES * 1e-5) * total
+        )  # Laplace smoothing
+        codebook = ema_sum / smoothed[:, None]
+        metrics = {
+            "loss": loss,
+            "recon": recon,
+            "commit": commit,
+            "iou": reconstruction_iou(logits, masks).mean(),
+            "grad_norm": optax.global_norm(grads),
+            "counts": counts,
+        }
+        new_state = State(state.step + 1, params, opt_state, codebook, ema_count, ema_sum)
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def restart_dead_codes(
+    state: State, dead: np.ndarray, params: dict, masks: np.ndarray, rng: np.random.Generator
+) -> State:
+    """Moves each dead code onto a random encoder output of `masks` (plus a little noise)."""
+    features = np.asarray(vqvae.encoder(params, masks)).reshape(-1, vqvae.CODE_DIM)
+    picked = features[rng.choice(len(features), size=len(dead), replace=len(dead) > len(features))]
+    picked = picked + rng.normal(0, 1e-3, picked.shape).astype(np.float32) * np.abs(picked).mean()
+    count = np.asarray(state.ema_count).copy()
+    ema_sum = np.asarray(state.ema_sum).copy()
+    codebook = np.asarray(state.codebook).copy()
+    mean_count = max(float(count.mean()), 1e-3)
+    count[dead], ema_sum[dead], codebook[dead] = mean_count, picked * mean_count, picked
+    return dataclasses.replace(
+        state,
+        codebook=jnp.asarray(codebook),
+        ema_count=jnp.asarray(count),
+        ema_sum=jnp.asarray(ema_sum),
+    )
+
+
+def full_params(state: State) -> vqvae.Params:
+    return {**state.params, "codebook": state.codebook}
+
+
+def evaluate(model: vqvae.VQVAE, crops: np.ndarray) -> float:
+    """Mean per-crop IoU of decode(encode(crop)) > 0 vs crop > 0.5."""
+    if len(crops) == 0:
+        return float("nan")
+    masks = crops[..., None].astype(np.float32)
+    logits = model.decode(model.encode(masks))
+    return float(reconstruction_iou(jnp.asarray(logits), jnp.asarray(masks)).mean())
+
+
+# ---------- state I/O
+
+
+def save_state(state: State, path: str) -> None:
+    leaves = jax.tree_util.tree_leaves(state)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, *[np.asarray(leaf) for leaf in leaves])
+    os.replace(tmp, path)
+
+
+def load_state(template: State, path: str) -> State:
+    with np.load(path) as data:
+        leaves = [jnp.asarray(data[f"arr_{i}"]) for i in range(len(data.files))]
+    treedef = jax.tree_util.tree_structure(template)
+    if treedef.num_leaves != len(leaves):
+        raise RuntimeError(
+            f"{path} holds {len(leaves)} arrays, expected {treedef.num_leaves}; delete it"
+        )
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# ---------- main
+
+
+def build_data(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    paths = list_masks(args.masks, args.list)
+    train_paths = [p for p in paths if not is_holdout(p.name, cfg.holdout_fraction)]
+    holdout_paths = [p for p in paths if is_holdout(p.name, cfg.holdout_fraction)]
+    print(
+        f"{len(paths)} real masks: {len(train_paths)} for training, {len(holdout_paths)} held out"
+    )
+    return {
+        "real": _to_uint8(real_crops(train_paths, cfg.windows_per_mask, cfg.seed)),
+        "generated": _to_uint8(generated_crops(cfg.generated, cfg.seed)),
+        "holdout_real": real_crops(holdout_paths, 4, cfg.seed + 1),
+        "holdout_generated": generated_crops(512, cfg.seed + 12345),
+        "holdout_names": np.array([p.name for p in holdout_paths]),
+    }
+
+
+def train(args: argparse.Namespace, cfg: TrainConfig) -> dict:
+    start = time.time()
+    data = build_data(args, cfg)
+    print({k: v.shape for k, v in data.items()})
+    tx = make_optimizer(cfg)
+    state = init_state(cfg, tx)
+    state_path = args.out + ".state.npz"
+    if os.path.exists(state_path):
+        state = load_state(state, state_path)
+        print(f"resumed from {state_path} at step {int(state.step)}")
+    train_step = make_train_step(cfg, tx)
+    rng = np.random.default_rng(cfg.seed + int(state.step))
+    pools = [data["real"], data["generated"]] if len(data["real"]) else [data["generated"]]
+    weights = [cfg.real_fraction, 1 - cfg.real_fraction] if len(pools) == 2 else [1.0]
+    window_counts = np.zeros(vqvae.NUM_CODES)
+    history = []
+    bar = tqdm(
+        range(int(state.step), cfg.steps), initial=int(state.step), total=cfg.steps, desc="vqvae"
+    )
+    for step in bar:
+        masks = sample_batch(rng, pools, weights, cfg.batch_size)
+        state, metrics = train_step(state, jnp.asarray(masks))
+        window_counts += np.asarray(metrics["counts"])
+        if not np.isfinite(float(metrics["loss"])):
+            raise RuntimeError(f"loss is {float(metrics['loss'])} at step {step}; lower --lr")
+        if (step + 1) % cfg.restart_every == 0:
+            dead = np.flatnonzero(window_counts == 0)
+            used = vqvae.NUM_CODES - len(dead)
+            if len(dead) and step + 1 < cfg.steps * 0.9:
+                state = restart_dead_codes(state, dead, state.params, masks, rng)
+            history.append({"step": step + 1, "loss": float(metrics["loss"]), "used": used})
+            window_counts[:] = 0
+            bar.set_postfix(
+                loss=f"{float(metrics['loss']):.4f}", iou=f"{float(metrics['iou']):.3f}", used=used
+            )
+        if (step + 1) % args.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_state(state, state_path)
+            vqvae.save(full_params(state), args.out)
+        if args.max_minutes and time.time() - start > args.max_minutes * 60:
+            print(f"stopping at step {step + 1}: --max-minutes {args.max_minutes} reached")
+            save_state(state, state_path)
+            vqvae.save(full_params(state), args.out)
+            break
+    bar.close()
+    return report(args, cfg, data, int(state.step), time.time() - start, history)
+
+
+def report(args, cfg: TrainConfig, data: dict, steps: int, seconds: float, history: list) -> dict:
+    """Evaluates the file written (float16, as shipped) and writes OUT.json."""
+    model = vqvae.load(args.out)
+    usage_crops = np.concatenate([data["holdout_real"], data["holdout_generated"]])[..., None]
+    codes = model.encode(usage_crops)
+    result = {
+        "steps": steps,
+        "seconds": round(seconds, 1),
+        "config": dataclasses.asdict(cfg),
+        "masks": args.masks,
+        "list": args.list,
+        "train_crops": {"real": len(data["real"]), "generated": len(data["generated"])},
+        "holdout_real_masks": data["holdout_names"].tolist(),
+        "iou_holdout_real_crops": evaluate(model, data["holdout_real"]),
+        "iou_holdout_generated_crops": evaluate(model, data["holdout_generated"]),
+        "codes_used_on_holdout": int(len(np.unique(codes))),
+        "history": history,
+    }
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--masks", action="append", default=[], help="folder of mask files (repeatable)"
+    )
+    parser.add_argument(
+        "--list", default=None, help="only masks whose file name is listed (one per line)"
+    )
+    parser.add_argument(
+        "--out", required=True, help="output .npz (vae-oid format); .json report beside it"
+    )
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
+    parser.add_argument(
+        "--generated", type=int, default=TrainConfig.generated, help="generated training crops"
+    )
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument("--checkpoint-every", type=int, default=200)
+    parser.add_argument(
+        "--max-minutes", type=float, default=0, help="stop (and save) after this long; 0 = off"
+    )
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        generated=args.generated,
+        seed=args.seed,
+    )
+    result = train(args, cfg)
+    print(
+        json.dumps(
+            {k: v for k, v in result.items() if k not in ("history", "holdout_real_masks")},
+            indent=1,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The mask VQ-VAE of big_vision's `vae-oid.npz` in pure JAX: encoder, codebook, decoder, load and
+save.
+
+Owns the network (architecture of arXiv 2301.02229 as used by PaliGemma) and the npz format (a
+flattened PyTorch state dict). It knows nothing of boxes, tokens or text; `codec.py` does that.
+
+Layouts: the npz holds torch layouts (Conv2d [out, in, kh, kw], ConvTranspose2d [in, out, kh, kw]);
+in memory every kernel is a plain convolution kernel in HWIO [kh, kw, in, out]. A torch transposed
+convolution (kernel 4, stride 2, padding 1) runs here as a convolution of the 2x-dilated input with
+the spatially flipped kernel and padding kernel - 1 - padding = 2 (`_conv_transpose`), which is what
+torch computes (checked in the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NUM_CODES = 128
+CODE_DIM = 512
+TOKENS_PER_MASK = 16
+MASK_SIZE = 64
+_BUCKETS = (1, 8, 32, 128)
+
+Params = dict[str, jax.Array]
+
+# torch key prefix -> (our parameter name, torch kernel shape, kind).
+# kind: "conv" = nn.Conv2d [out, in, kh, kw]; "convT" = nn.ConvTranspose2d [in, out, kh, kw].
+_LAYERS: tuple[tuple[str, str, tuple[int, int, int, int], str], ...] = (
+    ("encoder.0", "enc_down0", (16, 1, 4, 4), "conv"),
+    ("encoder.2", "enc_down1", (32, 16, 4, 4), "conv"),
+    ("encoder.4", "enc_down2", (64, 32, 4, 4), "conv"),
+    ("encoder.6", "enc_down3", (128, 64, 4, 4), "conv"),
+    *(
+        (f"encoder.{8 + b}.net.{2 * i}", f"enc_res{b}_{i}", shape, "conv")
+        for b in range(2)
+        for i, shape in enumerate(((128, 128, 3, 3), (128, 128, 3, 3), (128, 128, 1, 1)))
+    ),
+    ("encoder.10", "enc_proj", (CODE_DIM, 128, 1, 1), "conv"),
+    ("decoder.0", "dec_proj", (128, CODE_DIM, 1, 1), "conv"),
+    *(
+        (f"decoder.{2 + b}.net.{2 * i}", f"dec_res{b}_{i}", shape, "conv")
+        for b in range(2)
+        for i, shape in enumerate(((128, 128, 3, 3), (128, 128, 3, 3), (128, 128, 1, 1)))
+    ),
+    ("decoder.4", "dec_up0", (128, 128, 4, 4), "convT"),
+    ("decoder.6", "dec_up1", (128, 64, 4, 4), "convT"),
+    ("decoder.8", "dec_up2", (64, 32, 4, 4), "convT"),
+    ("decoder.10", "dec_up3", (32, 16, 4, 4), "convT"),
+    ("decoder.12", "dec_out", (1, 16, 1, 1), "conv"),
+)
+CODEBOOK_KEY = "_vq_vae._embedding"
+
+
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    """Every npz key the VQ-VAE reads, with its torch-layout shape."""
+    shapes: dict[str, tuple[int, ...]] = {CODEBOOK_KEY: (NUM_CODES, CODE_DIM)}
+    for key, _, shape, kind in _LAYERS:
+        shapes[f"{key}.weight"] = shape
+        shapes[f"{key}.bias"] = (shape[1] if kind == "convT" else shape[0],)
+    return shapes
+
+
+# ---------- layers
+
+
+def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1) -> jax.Array:
+    """float[B, H, W, I] * HWIO kernel -> float[B, H/stride, W/stride, O].
+
+    Padding as vae-oid's torch layers (= TF 'SAME' here): 1x1 -> 0; 3x3 -> 1; 4x4 stride 2 -> 1.
+    """
+    pad = 0 if kernel.shape[0] == 1 else 1
+    y = jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        [(pad, pad), (pad, pad)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y + bias
+
+
+# A stride-2 transposed convolution splits into 4 output phases (row parity ry, column parity rx).
+# Output row 2m + ry reads input rows m - 1 + d for window index d in 0..2 with the flipped-kernel
+# row below: ry = 0: d = 0 -> kernel row 0, d = 1 -> row 2;  ry = 1: d = 1 -> row 1, d = 2 -> row 3
+# (same for columns).
+_PHASE_TAPS = {0: ((0, 0), (1, 2)), 1: ((1, 1), (2, 3))}
+
+
+def _phase_kernel(kernel: jax.Array) -> jax.Array:
+    """Flipped 4x4 kernel float[4, 4, I, O] -> 3x3 kernel float[3, 3, I, 4 * O] computing all 4
+    phases."""
+    _, _, in_ch, out_ch = kernel.shape
+    phased = jnp.zeros((3, 3, in_ch, 2, 2, out_ch), kernel.dtype)
+    for ry, row_taps in _PHASE_TAPS.items():
+        for rx, col_taps in _PHASE_TAPS.items():
+            for dy, ky in row_taps:
+                for dx, kx in col_taps:
+                    phased = phased.at[dy, dx, :, ry, rx, :].set(kernel[ky, kx])
+    return phased.reshape(3, 3, in_ch, 4 * out_ch)
+
+
+def _conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """torch ConvTranspose2d(kernel 4, stride 2, padding 1): float[B, H, W, I] -> float[B, 2H, 2W,
+    O].
+
+    `kernel` float[4, 4, I, O] is the equivalent plain-convolution kernel (torch's [I, O, kh, kw]
+    moved to HWIO and flipped in space), i.e. what would run over the input dilated by 2 with
+    padding 2. Running the 4 output phases as one 3x3 convolution of the undilated input does the
+    same sums without the inserted zeros (about 2.5x faster on CPU).
+    """
+    batch, height, width, _ = x.shape
+    # [B, H, W, 4 * O]: for each input pixel, the 2x2 output pixels it anchors.
+    y = jax.lax.conv_general_dilated(
+        x,
+        _phase_kernel(kernel),
+        (1, 1),
+        [(1, 1), (1, 1)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    y = y.reshape(batch, height, width, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(batch, 2 * height, 2 * width, -1) + bias
+
+
+def _resblock(params: Params, prefix: str, x: jax.Array) -> jax.Array:
+    h = jax.nn.relu(_conv(x, params[f"{prefix}_0/kernel"], params[f"{prefix}_0/bias"]))
+    h = jax.nn.relu(_conv(h, params[f"{prefix}_1/kernel"], params[f"{prefix}_1/bias"]))
+    return x + _conv(h, params[f"{prefix}_2/kernel"], params[f"{prefix}_2/bias"])
+
+
+def encoder(params: Params, masks: jax.Array) -> jax.Array:
+    """masks float[B, 64, 64, 1] in [0, 1] -> pre-quantisation features float32[B, 4, 4, 512]."""
+    x = 2.0 * (masks.astype(jnp.float32) - 0.5)
+    for i in range(4):
+        x = jax.nn.relu(
+            _conv(x, params[f"enc_down{i}/kernel"], params[f"enc_down{i}/bias"], stride=2)
+        )
+    x = _resblock(params, "enc_res0", x)
+    x = _resblock(params, "enc_res1", x)
+    return _conv(x, params["enc_proj/kernel"], params["enc_proj/bias"])
+
+
+def decoder(params: Params, features: jax.Array) -> jax.Array:
+    """features float[B, 4, 4, 512] -> raw mask logits float32[B, 64, 64, 1] (> 0 inside)."""
+    x = jax.nn.relu(_conv(features, params["dec_proj/kernel"], params["dec_proj/bias"]))
+    x = _resblock(params, "dec_res0", x)
+    x = _resblock(params, "dec_res1", x)
+    for i in range(4):
+        x = jax.nn.relu(_conv_transpose(x, params[f"dec_up{i}/kernel"], params[f"dec_up{i}/bias"]))
+    return _conv(x, params["dec_out/kernel"], params["dec_out/bias"])
+
+
+def nearest_codes(features: jax.Array, codebook: jax.Array) -> jax.Array:
+    """features float[..., 512], codebook float[128, 512] -> int32[...] index of the nearest entry
+    (squared L2)."""
+    distances = (
+        jnp.sum(features**2, axis=-1, keepdims=True)
+        - 2.0 * features @ codebook.T
+        + jnp.sum(codebook**2, axis=-1)
+    )
+    return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+
+
+def encode_codes(params: Params, masks: jax.Array) -> jax.Array:
+    """masks float[B, 64, 64, 1] in [0, 1] -> int32[B, 16] codes, row-major over the 4x4 grid."""
+    codes = nearest_codes(encoder(params, masks), params["codebook"])
+    return codes.reshape(codes.shape[0], TOKENS_PER_MASK)
+
+
+def decode_codes(params: Params, codes: jax.Array) -> jax.Array:
+    """codes int32[B, 16] (clipped to 0..127) -> raw mask logits float32[B, 64, 64, 1]."""
+    codes = jnp.clip(codes, 0, NUM_CODES - 1)
+    features = jnp.take(params["codebook"], codes, axis=0).reshape(codes.shape[0], 4, 4, CODE_DIM)
+    return decoder(params, features)
+
+
+_encode_jit = jax.jit(encode_codes)
+_decode_jit = jax.jit(decode_codes)
+
+
+def init_params(rng: jax.Array) -> Params:
+    """Random parameters (He-uniform kernels like torch's default, zero biases, unit-scale
+    codebook)."""
+    params: Params = {}
+    keys = jax.random.split(rng, len(_LAYERS) + 1)
+    for key, (_, name, shape, kind) in zip(keys[:-1], _LAYERS, strict=True):
+        out_ch, in_ch = (shape[1], shape[0]) if kind == "convT" else (shape[0], shape[1])
+        kh, kw = shape[2], shape[3]
+        bound = 1.0 / np.sqrt(in_ch * kh * kw)
+        params[f"{name}/kernel"] = jax.random.uniform(
+            key, (kh, kw, in_ch, out_ch), jnp.float32, -bound, bound
+        )
+        params[f"{name}/bias"] = jnp.zeros((out_ch,), jnp.float32)
+    params["codebook"] = jax.random.normal(keys[-1], (NUM_CODES, CODE_DIM), jnp.float32) * 0.1
+    return params
+
+
+# ---------- npz I/O
+
+
+def _as_float32(array: np.ndarray) -> np.ndarray:
+    """Reads float16/32/64 and bfloat16 (which numpy stores as 2-byte void, '|V2') as float32."""
+    if array.dtype.kind == "V" and array.dtype.itemsize == 2:
+        import ml_dtypes
+
+        array = array.view(ml_dtypes.bfloat16)
+    return np.asarray(array, np.float32)
+
+
+def params_from_torch(state: Mapping[str, np.ndarray], source: str = "checkpoint") -> Params:
+    """A flat torch state dict with vae-oid's key names -> our params (HWIO). Extra keys are
+    ignored.
+
+    Raises ValueError naming each missing key or wrong shape with the shape expected.
+    """
+    state = {k.removeprefix("params/"): v for k, v in state.items()}
+    problems = []
+    for key, shape in expected_shapes().items():
+        if key not in state:
+            problems.append(f"missing key {key!r} (expected shape {shape})")
+        elif tuple(state[key].shape) != shape:
+            problems.append(f"key {key!r} has shape {tuple(state[key].shape)}, expected {shape}")
+    if problems:
+        raise ValueError(
+            f"{source} is not a vae-oid-compatible VQ-VAE: "
+            + "; ".join(problems)
+            + ". Use big_vision's vae-oid.npz or a file written by segtokens.vqvae.save."
+        )
+    params: Params = {"codebook": jnp.asarray(_as_float32(state[CODEBOOK_KEY]))}
+    for key, name, _, kind in _LAYERS:
+        weight = _as_float32(state[f"{key}.weight"])
+        if kind == "convT":  # [I, O, kh, kw] -> [kh, kw, I, O], flipped in space.
+            kernel = weight.transpose(2, 3, 0, 1)[::-1, ::-1]
+        else:  # [O, I, kh, kw] -> [kh, kw, I, O].
+            kernel = weight.transpose(2, 3, 1, 0)
+        params[f"{name}/kernel"] = jnp.asarray(np.ascontiguousarray(kernel))
+        params[f"{name}/bias"] = jnp.asarray(_as_float32(state[f"{key}.bias"]))
+    return params
+
+
+def params_to_torch(params: Params, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
+    """Our params -> a flat torch state dict with vae-oid's key names and layouts (inverse of
+    params_from_torch)."""
+    state = {CODEBOOK_KEY: np.asarray(params["codebook"], dtype)}
+    for key, name, _, kind in _LAYERS:
+        kernel = np.asarray(params[f"{name}/kernel"], np.float32)
+        if kind == "convT":
+            weight = kernel[::-1, ::-1].transpose(2, 3, 0, 1)
+        else:
+            weight = kernel.transpose(3, 2, 0, 1)
+        state[f"{key}.weight"] = np.ascontiguousarray(weight).astype(dtype)
+        state[f"{key}.bias"] = np.asarray(params[f"{name}/bias"], dtype)
+    return state
+
+
+def save(params: Params, path: str | os.PathLike, dtype: np.dtype = np.float16) -> None:
+    """Writes params as a vae-oid-format npz (torch key names and layouts), atomically."""
+    path = os.fspath(path)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **params_to_torch(params, dtype))
+    os.replace(tmp, path)
+
+
+# ---------- public
+
+
+def _bucket(n: int) -> int:
+    return next((b for b in _BUCKETS if n <= b), _BUCKETS[-1])
+
+
+@dataclasses.dataclass(frozen=True)
+class VQVAE:
+    """A loaded VQ-VAE. Methods take and return numpy arrays; batches are padded to a few fixed
+    sizes (1, 8, 32, 128; larger batches run in chunks of 128) so jit compiles each shape once."""
+
+    params: Params
+
+    def encode(self, masks: np.ndarray) -> np.ndarray:
+        """masks float[B, 64, 64, 1] in [0, 1] -> int32[B, 16] codes in 0..127 (row-major 4x4)."""
+        masks = np.asarray(masks, np.float32)
+        if masks.ndim != 4 or masks.shape[1:] != (MASK_SIZE, MASK_SIZE, 1):
+            raise ValueError(f"masks must be float[B, 64, 64, 1], got shape {masks.shape}")
+        return self._batched(_encode_jit, masks, np.int32)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """codes int[B, 16] in 0..127 -> raw logits float32[B, 64, 64, 1] (> 0 means inside)."""
+        codes = np.asarray(codes, np.int32)
+        if codes.ndim != 2 or codes.shape[1] != TOKENS_PER_MASK:
+            raise ValueError(f"codes must be int[B, 16], got shape {codes.shape}")
+        return self._batched(_decode_jit, codes, np.float32)
+
+    def _batched(self, fn, inputs: np.ndarray, dtype: type) -> np.ndarray:
+        outputs = []
+        for start in range(0, len(inputs), _BUCKETS[-1]):
+            chunk = inputs[start : start + _BUCKETS[-1]]
+            size = _bucket(len(chunk))
+            padded = np.zeros((size, *chunk.shape[1:]), chunk.dtype)
+            padded[: len(chunk)] = chunk
+            outputs.append(np.asarray(fn(self.params, padded))[: len(chunk)])
+        if not outputs:
+            shape = (0, TOKENS_PER_MASK) if dtype == np.int32 else (0, MASK_SIZE, MASK_SIZE, 1)
+            return np.zeros(shape, dtype)
+        return np.concatenate(outputs).astype(dtype)
+
+
+def load(path: str | os.PathLike) -> VQVAE:
+    """Loads `vae-oid.npz` or a file written by `save` (keys it does not use are ignored)."""
+    with np.load(os.fspath(path), allow_pickle=False) as data:
+        state = {key: data[key] for key in data.files}
+    return VQVAE(params_from_torch(state, source=os.fspath(path)))

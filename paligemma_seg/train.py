@@ -1,0 +1,78 @@
+"""`python -m paligemma_seg.train --config configs/water_tiny.py [--config.a.b=v ...] [--workdir DIR]`.
+
+The command line of training: flags, multi-host start-up, logging set-up; the run itself is
+`train_loop.run` and the pure step is `train_step.make_train_step` (re-exported here).
+Multi-host: run the same command on every host. TPU pods and SLURM/Open MPI GPU clusters are detected
+automatically; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+Running the same command again in the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from paligemma_seg.train_step import TrainState, make_eval_step, make_train_step, next_token_loss
+
+__all__ = ["TrainState", "main", "make_eval_step", "make_train_step", "next_token_loss"]
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory; default: the config's `workdir`."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a manual multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes of a manual multi-process run."
+)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual run.")
+
+
+def _configure_logging(process_index: int) -> None:
+    """INFO on process 0, warnings only elsewhere; TensorFlow and absl chatter muted."""
+    logging.basicConfig(
+        level=logging.INFO if process_index == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("absl", "tensorflow", "jax._src", "orbax", "absl.logging"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cfg = _CONFIG.value
+    if cfg is None:
+        raise app.UsageError("--config is required, e.g. --config configs/water_tiny.py")
+    from paligemma_seg import (
+        sharding,
+    )  # After flag parsing: nothing may touch a device before this.
+
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    import jax
+
+    _configure_logging(jax.process_index())
+    workdir = _WORKDIR.value or cfg.workdir
+    if not workdir:
+        raise app.UsageError("No workdir: pass --workdir DIR or set the config's `workdir`.")
+    from paligemma_seg import train_loop
+
+    try:
+        result = train_loop.run(cfg, workdir)
+    except ValueError as error:  # Config and file problems: one clear line, no traceback.
+        logging.error("%s", error)
+        sys.exit(1)
+    if jax.process_index() == 0:
+        logging.info("Done: %s", {k: v for k, v in result.items() if k != "eval"})
+
+
+if __name__ == "__main__":
+    app.run(main)

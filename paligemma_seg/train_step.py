@@ -1,0 +1,141 @@
+"""The pure training and validation steps: masked next-token loss, gradients of trainable parameters only.
+
+Owns `TrainState`, `next_token_loss` and the step functions built by `make_train_step` / `make_eval_step`.
+Nothing here reads configs, touches files or names a mesh axis: the caller jits the steps with explicit
+shardings (train_loop.py) and activates the logical-axis rules given here at trace time.
+
+Loss: targets are `text[:, 1:]`, predicted from `logits[:, :-1]`, weighted by `mask_loss[:, 1:]` (the suffix
+and its EOS); the cross-entropy is summed over the whole global batch and divided by the number of
+supervised tokens, so every token counts the same (transformers' mean over labels != -100).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from paligemma_seg import optim
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+_MODEL_INPUTS = ("image", "text", "mask_ar", "mask_input")
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. `params` holds trainable (f32 master) and frozen leaves together;
+    `opt_state` covers the trainable ones only."""
+
+    step: jax.Array  # int32[]: updates done so far.
+    params: Any
+    opt_state: Any
+
+
+def next_token_loss(
+    logits: jax.Array, text: jax.Array, mask_loss: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy float32[], supervised tokens float32[]) of a batch.
+
+    logits float32[B, T, V] at text positions; text int32[B, T]; mask_loss int32[B, T] (1 = supervised).
+    Position t predicts token t + 1, so the weights are `mask_loss[:, 1:]`.
+    """
+    per_token = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(jnp.float32), text[:, 1:]
+    )
+    weights = mask_loss[:, 1:].astype(jnp.float32)
+    return jnp.sum(per_token * weights), jnp.sum(weights)
+
+
+def _forward_loss(
+    model: nn.Module, params: Any, batch: Batch, rules: Sequence[Any]
+) -> tuple[jax.Array, jax.Array]:
+    with nn.logical_axis_rules(rules):
+        logits = model.apply({"params": params}, *(batch[k] for k in _MODEL_INPUTS))
+    return next_token_loss(logits, batch["text"], batch["mask_loss"])
+
+
+def _micro_batches(batch: Batch, count: int, rules: Sequence[Any]) -> Batch:
+    """[B, ...] -> [count, B / count, ...]: micro-batch j takes rows j, count + j, ... so that each device
+    keeps its own rows (the batch dimension stays split the same way)."""
+
+    def split(x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+        with nn.logical_axis_rules(rules):
+            return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree_util.tree_map(split, batch)
+
+
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    trainable: Any,
+    *,
+    grad_accum: int = 1,
+    rules: Sequence[Any] = (),
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
+
+    `trainable`: bool tree from `optim.trainable_mask`. `rng` is the run's base key; the step folds in its
+    step number (the model has no dropout today, so it is unused but kept for stochastic layers).
+    Metrics (float32 scalars): loss, lr, grad_norm (before clipping), param_norm and update_norm (of the
+    trainable parameters), supervised_tokens.
+    """
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        del rng  # jax.random.fold_in(rng, state.step) would seed dropout; PaliGemma has none.
+        train_params, frozen = optim.split_params(state.params, trainable)
+
+        def loss_sum(train_params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+            return _forward_loss(model, optim.merge_params(train_params, frozen), batch, rules)
+
+        grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+        if grad_accum == 1:
+            (total, tokens), grads = grad_fn(train_params, batch)
+        else:
+
+            def accumulate(carry: Any, micro: Batch) -> tuple[Any, None]:
+                (total, tokens), grads = grad_fn(train_params, micro)
+                return jax.tree_util.tree_map(jnp.add, carry, (total, tokens, grads)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, train_params)
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (total, tokens, grads), _ = jax.lax.scan(
+                accumulate, init, _micro_batches(batch, grad_accum, rules)
+            )
+        denominator = jnp.maximum(tokens, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, train_params)
+        new_train = optax.apply_updates(train_params, updates)
+        metrics = {
+            "loss": total / denominator,
+            "lr": schedule(state.step),
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(new_train),
+            "update_norm": optax.global_norm(updates),
+            "supervised_tokens": tokens,
+        }
+        new_state = TrainState(
+            step=state.step + 1, params=optim.merge_params(new_train, frozen), opt_state=opt_state
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(
+    model: nn.Module, rules: Sequence[Any] = ()
+) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
+    """Returns `eval_step(params, batch) -> (summed cross-entropy, supervised tokens)`."""
+
+    def eval_step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        return _forward_loss(model, params, batch, rules)
+
+    return eval_step

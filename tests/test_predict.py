@@ -1,0 +1,153 @@
+"""Prediction on a tiny random model with the small tokenizer and a random VQ-VAE: the CLI's files,
+and constrained decoding that always decodes to valid masks (vs. without the grammar).
+
+`inference_config` and `write_random_vqvae` are shared with test_evaluate.py.
+"""
+
+import functools
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+import train_fixtures
+from PIL import Image
+
+from paligemma_seg import predict, weights
+from paligemma_seg.segtokens import vqvae
+
+WATER_IMAGES = (
+    "water_body_8897.jpg",
+    "water_body_2375.jpg",
+    "water_body_2366.jpg",
+)  # 66 px .. 2 kpx
+
+
+def write_random_vqvae(path: pathlib.Path) -> pathlib.Path:
+    """A random VQ-VAE in vae-oid's format (tests must not depend on the shipped weights)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        vqvae.save(vqvae.init_params(jax.random.PRNGKey(0)), path)
+    return path
+
+
+def inference_config(root: pathlib.Path, **extra):
+    """train_fixtures' tiny model (28 px, 2-layer Gemma) + small tokenizer + a random VQ-VAE.
+
+    seq_len 48 leaves room for 2 objects after the "segment water" prompt."""
+    settings = {
+        "codec.vqvae": str(write_random_vqvae(root / "vqvae_random.npz")),
+        "seq_len": 48,
+        "eval.batch_size": 4,
+        **extra,
+    }
+    return train_fixtures.tiny_config(root, **settings)
+
+
+@functools.cache
+def tiny_model(root: pathlib.Path):
+    """(cfg, model, params, weights.npz) with random weights, built once per session."""
+    cfg = inference_config(root)
+    model, params, _ = predict.load_model(cfg)
+    return cfg, model, params, weights.save_npz(params, root / "random_weights.npz")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_model(tmp_path_factory.getbasetemp() / "inference")
+
+
+def random_images(count: int, seed: int = 0) -> list[np.ndarray]:
+    """Images of very different shapes, including sides so small that boxes need several bins."""
+    rng = np.random.default_rng(seed)
+    shapes = [(12, 300), (300, 9), (50, 50), (64, 128), (17, 23), (200, 150), (5, 5), (90, 31)]
+    return [
+        rng.integers(0, 255, (*shapes[i % len(shapes)], 3), dtype=np.uint8) for i in range(count)
+    ]
+
+
+def test_predict_cli_writes_masks_at_image_size(tiny, water_dir, tmp_path):
+    cfg, _, _, npz = tiny
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "notes.txt").write_text("not an image, ignored")
+    Image.fromarray(np.full((37, 61), 90, np.uint8), "L").save(folder / "grey.png")
+    Image.new("CMYK", (40, 20), (10, 20, 30, 0)).save(folder / "cmyk.jpg")
+    images = [str(water_dir / "images" / name) for name in WATER_IMAGES]
+    out = tmp_path / "out"
+    flags = [f"--config.{k}={v}" for k, v in train_fixtures.overrides(tmp_path).items()]
+    flags += [
+        f"--config.codec.vqvae={cfg.codec.vqvae}",
+        f"--config.seq_len={cfg.seq_len}",
+        f"--config.eval.batch_size={cfg.eval.batch_size}",
+        f"--checkpoint={npz}",
+    ]
+    argv = ["predict", "--config", str(train_fixtures.REPO / "configs" / "water_tiny.py"), *flags]
+    assert predict.main([*argv, *images, str(folder), "--out", str(out)]) == 0
+
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    errors = [r for r in records if "error" in r]
+    assert [pathlib.Path(r["image"]).name for r in errors] == ["broken.jpg"]
+    done = [r for r in records if "error" not in r]
+    assert len(done) == len(WATER_IMAGES) + 2
+    for record in done:
+        with Image.open(record["image"]) as source:
+            size = source.size
+        with Image.open(out / record["mask"]) as mask:
+            assert mask.mode == "L" and mask.size == size
+            assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+        with Image.open(out / record["overlay"]) as overlay:
+            assert overlay.mode == "RGB" and overlay.size == size
+        assert (out / f"{record['name']}.txt").read_text().strip() == record["text"].strip()
+        assert (record["width"], record["height"]) == size
+        assert record["valid"], record["text"]  # the grammar is on by default
+
+
+def test_predict_cli_reports_bad_arguments(tmp_path):
+    config = str(train_fixtures.REPO / "configs" / "water_tiny.py")
+    assert predict.main(["predict", "--config", config, "--out", str(tmp_path)]) == 1
+    assert predict.main(["predict", "--config", config, "--bogus=1", "x.jpg"]) == 1
+
+
+def test_constrained_outputs_always_decode_valid_unlike_free_decoding(tiny, capsys):
+    cfg, model, params, _ = tiny
+    images = random_images(16)
+    rates = {}
+    for name, overrides in {
+        "greedy, grammar": {},
+        "sampled, grammar": {"decode.temperature": 1.0},
+        "sampled, no grammar": {"decode.constrained": False, "decode.temperature": 1.0},
+    }.items():
+        variant = inference_config(pathlib.Path(cfg.data.jsonl_dir), **overrides)
+        segmenter = predict.Segmenter(variant, model, params)
+        predictions = segmenter.predict_images(images, "segment water")
+        rates[name] = 1 - np.mean([p.valid for p in predictions])
+        if variant.decode.constrained:
+            for image, p in zip(images, predictions, strict=True):
+                assert p.valid and p.finished and p.invalid_objects == 0, p.text
+                assert p.mask.shape == image.shape[:2]
+                assert all(y2 > y1 and x2 > x1 for y1, x1, y2, x2 in p.boxes)
+    with capsys.disabled():
+        print(f"\ninvalid-output rate on a random tiny model: {rates}")
+    assert rates["greedy, grammar"] == rates["sampled, grammar"] == 0.0
+    assert rates["sampled, no grammar"] > 0.5  # free decoding of a random model rarely parses
+
+
+def test_grammar_is_off_for_other_prompts(tiny):
+    cfg, model, params, _ = tiny
+    segmenter = predict.Segmenter(cfg, model, params)
+    assert segmenter._decoding("segment water")[1] is not None
+    assert segmenter._decoding("caption en")[1] is None
+    assert predict.is_segmentation_prompt("  Segment the lake")
+
+
+def test_params_source_order(tmp_path):
+    cfg = inference_config(tmp_path)
+    assert predict.params_source(cfg, None, str(tmp_path)) == ""
+    (tmp_path / "params.npz").write_bytes(b"")
+    assert predict.params_source(cfg, None, str(tmp_path)) == str(tmp_path / "params.npz")
+    assert predict.params_source(cfg, str(tmp_path), None) == str(tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        predict.params_source(cfg, str(tmp_path / "missing"), None)

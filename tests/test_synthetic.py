@@ -1,0 +1,91 @@
+"""Generated tiles: deterministic by seed, masks exactly where water shows, the water data set's layout."""
+
+import dataclasses
+import time
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from paligemma_seg.data import synthetic
+
+
+def _files(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_generate_is_deterministic_by_seed(tmp_path):
+    first = synthetic.generate(tmp_path / "a", num_images=6, size=48, seed=3)
+    synthetic.generate(tmp_path / "b", num_images=6, size=48, seed=3)
+    synthetic.generate(tmp_path / "c", num_images=3, size=48, seed=3)
+    synthetic.generate(tmp_path / "d", num_images=6, size=48, seed=4)
+    a, b, c, d = (_files(tmp_path / x) for x in "abcd")
+    assert first == [f"synth_{i:05d}.jpg" for i in range(6)]
+    assert a == b
+    images = [k for k in a if k.parts[0] in ("images", "masks")]
+    assert all(c[k] == a[k] for k in c if k.parts[0] in ("images", "masks"))  # tile i ignores num
+    assert sum(a[k] != d[k] for k in images) >= 10  # another seed, other tiles
+
+
+def test_generate_layout_and_exact_masks(tmp_path):
+    synthetic.generate(tmp_path, num_images=20, size=64, seed=0)
+    test = (tmp_path / "test_images.txt").read_text().split()
+    train = (tmp_path / "train_images.txt").read_text().split()
+    assert test == ["synth_00009.jpg", "synth_00019.jpg"] and len(train) == 18
+    for index in (0, 9, 13):
+        image, mask = synthetic.render_tile(0, index, 64)
+        name = synthetic.tile_name(index)
+        written_mask = np.asarray(Image.open(tmp_path / "masks" / f"{name}.png"))
+        np.testing.assert_array_equal(written_mask, mask.astype(np.uint8) * 255)
+        written = np.asarray(Image.open(tmp_path / "images" / f"{name}.jpg"), np.float32)
+        assert written.shape == (64, 64, 3)
+        assert np.abs(written - image).mean() < 4  # JPEG quality 92
+
+
+def _edge_band(mask: np.ndarray) -> np.ndarray:
+    """Pixels within one pixel of the mask's boundary (where the optical blur may tip them)."""
+    return ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+
+
+def test_masks_are_where_water_shows():
+    """Recolouring the water changes exactly the masked pixels (clouds over 0.5 opacity hide it),
+    except within a pixel of a shore or of a cloud's 0.5-opacity contour."""
+    size, checked_pixels = 96, 0
+    for index in range(30):
+        layers = synthetic.draw_layers(np.random.default_rng([7, index, size]), size)
+        layers = dataclasses.replace(layers, shadow=np.zeros_like(layers.shadow))
+        recoloured = dataclasses.replace(layers, water_colour=layers.water_colour + 0.3)
+        change = np.abs(
+            synthetic.compose(recoloured).astype(np.float32) - synthetic.compose(layers)
+        ).mean(-1)
+        changed = change > 0.5 * 0.3 * 255 * layers.brightness * (1 - layers.haze)
+        edges = _edge_band(layers.water) | _edge_band(layers.cloud > synthetic.CLOUD_MASK_OPACITY)
+        assert not ((changed != layers.mask) & ~edges).any(), index
+        checked_pixels += int((layers.mask & ~edges).sum())
+    assert checked_pixels > 30 * 96 * 96 * 0.15
+
+
+def test_tiles_vary():
+    size = 64
+    layers = [synthetic.draw_layers(np.random.default_rng([0, i, size]), size) for i in range(60)]
+    fractions = np.array([x.mask.mean() for x in layers])
+    assert (fractions == 0).sum() >= 3  # tiles without water
+    assert ((fractions > 0.02) & (fractions < 0.2)).sum() >= 5  # rivers, small lakes
+    assert (fractions > 0.4).sum() >= 5  # big lakes, coasts
+    assert sum(x.cloud.max() > 0.5 for x in layers) >= 3  # some thick clouds
+    means = np.array([x.water_colour[x.water].mean(0) for x in layers if x.water.any()])
+    assert np.ptp(means, axis=0).max() > 0.15  # several water colours
+
+
+def test_render_tile_is_fast():
+    start = time.process_time()  # CPU time: robust to other jobs on the machine
+    for index in range(20):
+        synthetic.render_tile(1, index, 128)
+    assert time.process_time() - start < 1.0  # >= 20 tiles/s at 128 px
+
+
+def test_synthetic_cli(tmp_path, capsys):
+    synthetic.main(["--out", str(tmp_path), "--num", "3", "--size", "32", "--seed", "5"])
+    assert "wrote 3 tiles" in capsys.readouterr().out
+    assert len(list((tmp_path / "images").iterdir())) == 3
+    assert len(list((tmp_path / "masks").iterdir())) == 3
