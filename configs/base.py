@@ -1,9 +1,9 @@
 """Defaults shared by every experiment: one `ConfigDict`, every key commented.
 
-Experiments (`configs/water_*.py`) call `base.get_config()` and change a handful of keys. Any key can
-be overridden on the command line, e.g. `python -m paligemma_seg.train --config
-configs/water_224.py --config.optim.lr=0.01 --config.model.overrides.remat=True`. Relative paths are
-relative to the directory the command runs in (the repository root in the README's commands).
+Experiments (`configs/water_*.py`) call `base.get_config()` and change a handful of keys. Any
+key can be overridden on the command line, e.g. `python -m paligemma_seg.train --config
+configs/water_224.py --config.optim.lr=0.01 --config.model.overrides.remat=True`. Relative paths
+are relative to the directory the command runs in (the repository root in the README's commands).
 """
 
 from __future__ import annotations
@@ -24,9 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.val_steps = 50  # Validation loss on data.val_split every N steps and at the end; 0 = off.
     c.val_max_examples = 0  # Examples of the validation split that val_steps scores; 0 = all.
     c.ckpt_steps = 100  # Checkpoint every N steps, at the end and on SIGTERM; 0 = end only.
-    c.eval_steps = (
-        0  # Decode + mIoU (paligemma_seg.evaluate) every N steps and at the end; 0 = off.
-    )
+    c.eval_steps = 0  # Decode + mIoU (paligemma_seg.evaluate) every N steps and at end; 0=off
     # '' = random init; else a big_vision .npz, a Hugging Face directory or an orbax checkpoint.
     c.init = ""
     c.workdir = ""  # Checkpoints, metrics.jsonl, params.npz, eval output; --workdir wins.
@@ -36,9 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.preset = "pg1-3b-224"  # A name from paligemma_seg.model.config.PRESETS.
     # Gemma 2 only: 'big_vision' (no sliding window, no final soft-cap) or 'transformers'.
     c.model.compat = "big_vision"
-    c.model.overrides = (
-        ml_collections.ConfigDict()
-    )  # PaliGemmaConfig fields replacing the preset's.
+    c.model.overrides = ml_collections.ConfigDict()  # PaliGemmaConfig fields to change.
     c.model.overrides.dtype = "bfloat16"  # Compute dtype: 'float32' or 'bfloat16'.
     c.model.overrides.param_dtype = "float32"  # Parameter storage: f32 master copies.
     c.model.overrides.remat = False  # Recompute each block in the backward pass (less memory).
@@ -77,9 +73,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 50_000
     c.data.num_parallel_calls = 4  # tf.data threads that decode and resize images.
     c.data.prefetch = 2  # Batches prepared ahead of the train step.
-    c.data.synthetic = (
-        ml_collections.ConfigDict()
-    )  # Generated tiles (paligemma_seg.data.synthetic).
+    c.data.synthetic = ml_collections.ConfigDict()  # Generated tiles (data/synthetic.py).
     c.data.synthetic.num_images = 0  # > 0: generate into data.images' parent if it is missing.
     c.data.synthetic.size = 128  # Side of the generated tiles in pixels.
     c.data.synthetic.seed = 0  # Seed of the generator.

@@ -1,9 +1,9 @@
 """PaliGemma 1 3B pt-224 fine-tuned to segment water (the seed's recipe).
 
-Only `llm/layers/attn` trains, plain SGD at lr 0.003, batch 8, 128 text tokens, bf16 compute with f32
-master copies of the trained weights; frozen weights are stored in bf16. Needs, under checkpoints/ (see the
-README, "With real weights", or run `python scripts/download_weights.py`): paligemma-3b-pt-224.npz,
-paligemma_tokenizer.model and vae-oid.npz.
+Only `llm/layers/attn` trains, plain SGD at lr 0.003, batch 8, 128 text tokens, bf16 compute
+with f32 master copies of the trained weights; frozen weights are stored in bf16. Needs, under
+checkpoints/ (see the README, "With real weights", or run `python scripts/download_weights.py`):
+paligemma-3b-pt-224.npz, paligemma_tokenizer.model and vae-oid.npz.
 
     python -m paligemma_seg.train --config configs/water_224.py --workdir runs/water_224
 """
@@ -32,6 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.workdir = "runs/water_224"
     c.init = "checkpoints/paligemma-3b-pt-224.npz"
     c.model.preset = "pg1-3b-224"
+    # Fits a 16 GB GPU: scripts/memory_plan.py gives ~11 GiB per device with remat, ~28 without.
+    c.model.overrides.remat = True
     c.tokenizer = "checkpoints/paligemma_tokenizer.model"
     c.codec.vqvae = "checkpoints/vae-oid.npz"
     c.data.jsonl_dir = "data/water_jsonl_vaeoid"  # Suffixes hold vae-oid codes.

@@ -1,7 +1,7 @@
 """PaliGemma 1 3B pt-448 on the water set: 1024 image tokens, so layers are rematerialised.
 
-Needs checkpoints/paligemma-3b-pt-448.npz, paligemma_tokenizer.model and vae-oid.npz (README, "With real
-weights"; `python scripts/download_weights.py`).
+Needs checkpoints/paligemma-3b-pt-448.npz, paligemma_tokenizer.model and vae-oid.npz (README,
+"With real weights"; `python scripts/download_weights.py --model pg1-3b-448`).
 
     python -m paligemma_seg.train --config configs/water_448.py --workdir runs/water_448
 """

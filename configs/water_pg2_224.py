@@ -1,8 +1,9 @@
 """PaliGemma 2 3B pt-224 (Gemma 2 2B decoder) on the water set.
 
-big_vision behaviour (no sliding window, no final-logit soft-cap, as its PaliGemma 2 transfer configs).
-Needs checkpoints/paligemma2-3b-pt-224.npz (or a Hugging Face directory: set --config.init=DIR),
-paligemma_tokenizer.model and vae-oid.npz (README, "With real weights"; `python scripts/download_weights.py`).
+big_vision behaviour (no sliding window, no final-logit soft-cap, as its PaliGemma 2 transfer
+configs). Needs checkpoints/paligemma2-3b-pt-224.npz (or a Hugging Face directory: set
+--config.init=DIR), paligemma_tokenizer.model and vae-oid.npz (README, "With real weights";
+`python scripts/download_weights.py --model pg2-3b-224`).
 
     python -m paligemma_seg.train --config configs/water_pg2_224.py --workdir runs/water_pg2_224
 """

@@ -1,14 +1,17 @@
-"""Training checkpoints: a thin wrapper around orbax's CheckpointManager, plus reading weights from one.
+"""Training checkpoints: a thin wrapper around orbax's CheckpointManager, and reading weights back.
 
 Owns the on-disk training state (WORKDIR/checkpoints/STEP/{state,meta}): `state` is the pytree
-{step, params, opt_state, rng}, `meta` a small JSON (step, examples seen, batch size, seed) that pins the data
-position. Saves are asynchronous (training continues while arrays are written), atomic (a step directory
-appears only once complete, so a killed run never leaves a half checkpoint that is read back) and
-cooperative (every process calls `save`; each writes its own shards). Keeps the last K.
+{step, params, opt_state, rng}, `meta` a small JSON (step, examples seen, batch size, seed) that
+pins the data position. Saves are asynchronous (training continues while arrays are written), atomic
+(a step directory appears only once complete, so a killed run never leaves a half checkpoint that is
+read back) and cooperative (every process calls `save`; each writes its own shards). Keeps the last
+K.
 
 Where a run starts (decided in train.py, in this order; the branch taken is logged):
-  1. the latest checkpoint in WORKDIR/checkpoints: parameters, optimizer state, step, RNG, data position;
-  2. `init`: weights only, from an orbax checkpoint (`restore_params`), a big_vision .npz or an HF directory;
+  1. the latest checkpoint in WORKDIR/checkpoints: parameters, optimizer state, step, RNG, data
+     position;
+  2. `init`: weights only, from an orbax checkpoint (`restore_params`), a big_vision .npz or an HF
+     directory;
   3. random initialisation.
 """
 
@@ -55,7 +58,7 @@ class Checkpointer:
         )
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """(state, meta) of checkpoint `step`; arrays come back with `abstract_state`'s shardings."""
+        """(state, meta) of checkpoint `step`; arrays come back with `abstract_state`'s shardings"""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
@@ -95,7 +98,7 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
 def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
     """Only the parameters of a training checkpoint (a step dir or a checkpoints/ dir: newest step).
 
-    `abstract_params`: tree of jax.ShapeDtypeStruct with shardings; shapes must match the checkpoint's.
+    `abstract_params`: tree of jax.ShapeDtypeStruct with shardings (the checkpoint's shapes).
     """
     path = os.path.abspath(os.fspath(path))
     step_dir = _step_dir(path) if os.path.isdir(path) else None
@@ -117,4 +120,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
                 partial_restore=True,
             ),
         )
-    return restored["params"]
+    params = restored["params"]
+    if not all(isinstance(x, jax.Array) for x in jax.tree_util.tree_leaves(params)):
+        raise ValueError(f"{step_dir} holds no 'params' tree matching the model's parameters.")
+    return params

@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from paligemma_seg import experiment, metrics, predict
+from paligemma_seg.segtokens import codec as codec_lib
 
 
 def _examples(cfg: ml_collections.ConfigDict, split: str) -> list[Any]:
@@ -63,20 +64,21 @@ def _write_json(path: str, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _contact_sheet(rows: list[dict[str, Any]], workdir: str, step: int | None) -> str:
+def _contact_sheet(rows: list[tuple], workdir: str, step: int | None) -> str:
+    """contact_sheet.png (+ a per-step copy) of (image path, gt, prediction, IoU) rows."""
     from paligemma_seg import visualize
     from paligemma_seg.data import images as images_lib
 
     sheet_rows = [
         visualize.SheetRow(
-            image=images_lib.read_image(row["image"]).pixels,
-            gt_mask=row["gt"],
-            pred_mask=row["prediction"].mask,
-            pred_boxes=row["prediction"].boxes,
-            caption=f"{os.path.basename(row['image'])}  IoU {row['iou']:.3f}"
-            + ("" if row["prediction"].valid else "  (invalid output)"),
+            image=images_lib.read_image(image).pixels,
+            gt_mask=gt,
+            pred_mask=prediction.mask,
+            pred_boxes=prediction.boxes,
+            caption=f"{os.path.basename(image)}  IoU {iou:.3f}"
+            + ("" if prediction.valid else "  (invalid output)"),
         )
-        for row in rows
+        for image, gt, prediction, iou in rows
     ]
     sheet = visualize.contact_sheet(sheet_rows)
     path = os.path.join(workdir, "contact_sheet.png")
@@ -84,6 +86,42 @@ def _contact_sheet(rows: list[dict[str, Any]], workdir: str, step: int | None) -
     if step is not None:
         sheet.save(os.path.join(workdir, f"contact_sheet_step{step:06d}.png"))
     return path
+
+
+def _decode_chunk(segmenter: predict.Segmenter, chunk: list[Any]) -> tuple[list, list]:
+    """(ground-truth grey masks, predictions at the masks' sizes) of a batch of examples."""
+    from paligemma_seg.data import images as images_lib
+    from paligemma_seg.data import pipeline
+
+    greys = [images_lib.read_mask(e.mask).pixels for e in chunk]
+    inputs = np.stack([pipeline.load_image(e.image, segmenter.image_size) for e in chunk])
+    predictions: list[Any] = [None] * len(chunk)
+    for prompt in sorted({e.prefix for e in chunk}):  # one prompt per dataset in practice
+        rows = [i for i, e in enumerate(chunk) if e.prefix == prompt]
+        outputs = segmenter.predict_inputs(inputs[rows], [greys[i].shape for i in rows], prompt)
+        for row, output in zip(rows, outputs, strict=True):
+            predictions[row] = output
+    return greys, predictions
+
+
+def _score(
+    codec: Any, accumulator: metrics.SegmentationMetrics, example: Any, grey: Any, prediction: Any
+) -> dict[str, Any]:
+    """Adds one image to `accumulator`; returns its eval_examples.jsonl record."""
+    gt_objects = len(codec_lib.parse_suffix(example.suffix))
+    gt = codec.reference_mask(grey)
+    iou = accumulator.add(prediction.mask, gt, prediction.valid, prediction.objects, gt_objects)
+    return {
+        "image": _display_path(example.image),
+        "text": prediction.text,
+        "iou": iou,
+        "valid": prediction.valid,
+        "objects": prediction.objects,
+        "invalid_objects": prediction.invalid_objects,
+        "finished": prediction.finished,
+        "gt_objects": gt_objects,
+        "ceiling_iou": codec.ceiling_iou(grey),
+    }
 
 
 def run_evaluation(
@@ -99,61 +137,28 @@ def run_evaluation(
     Every process decodes (parameters may be sharded over the mesh); process 0 writes the files.
     Returns the eval.json dict.
     """
-    from paligemma_seg.data import images as images_lib
-    from paligemma_seg.data import pipeline
-
     start = time.perf_counter()
     examples = _examples(cfg, split)
     segmenter = predict.Segmenter(cfg, model, params)
-    codec = segmenter.codec
     accumulator = metrics.SegmentationMetrics()
-    records, sheet_rows, ceilings = [], [], []
+    records, sheet_rows = [], []
     decode_seconds = 0.0
-    num_rows = int(cfg.eval.contact_sheet_rows)
     for first in range(0, len(examples), segmenter.batch_size):
         chunk = examples[first : first + segmenter.batch_size]
-        greys = [images_lib.read_mask(e.mask).pixels for e in chunk]
-        inputs = np.stack([pipeline.load_image(e.image, segmenter.image_size) for e in chunk])
-        prompts = {e.prefix for e in chunk}
         tick = time.perf_counter()
-        predictions = []
-        for prompt in sorted(prompts):  # one prompt per dataset in practice
-            rows = [i for i, e in enumerate(chunk) if e.prefix == prompt]
-            sizes = [greys[i].shape for i in rows]
-            outputs = segmenter.predict_inputs(inputs[rows], sizes, prompt)
-            predictions += list(zip(rows, outputs, strict=True))
+        greys, predictions = _decode_chunk(segmenter, chunk)
         decode_seconds += time.perf_counter() - tick
-        for index, prediction in sorted(predictions, key=lambda item: item[0]):
-            example, grey = chunk[index], greys[index]
-            gt = codec.reference_mask(grey)
-            gt_objects = len(codec_parse(example.suffix))
-            iou = accumulator.add(
-                prediction.mask, gt, prediction.valid, prediction.objects, gt_objects
-            )
-            ceiling = codec.ceiling_iou(grey)
-            ceilings.append(ceiling)
-            records.append(
-                {
-                    "image": _display_path(example.image),
-                    "text": prediction.text,
-                    "iou": iou,
-                    "valid": prediction.valid,
-                    "objects": prediction.objects,
-                    "invalid_objects": prediction.invalid_objects,
-                    "finished": prediction.finished,
-                    "gt_objects": gt_objects,
-                    "ceiling_iou": ceiling,
-                }
-            )
-            if len(sheet_rows) < num_rows:
-                sheet_rows.append(
-                    {"image": example.image, "gt": gt, "prediction": prediction, "iou": iou}
-                )
+        for example, grey, prediction in zip(chunk, greys, predictions, strict=True):
+            record = _score(segmenter.codec, accumulator, example, grey, prediction)
+            records.append(record)
+            if len(sheet_rows) < int(cfg.eval.contact_sheet_rows):
+                gt = segmenter.codec.reference_mask(grey)
+                sheet_rows.append((example.image, gt, prediction, record["iou"]))
     result = {
         "split": split,
         "step": step,
         **accumulator.result(),
-        "ceiling_miou": float(np.mean(ceilings)) if ceilings else 0.0,
+        "ceiling_miou": float(np.mean([r["ceiling_iou"] for r in records])) if records else 0.0,
         "invalid_objects": int(sum(r["invalid_objects"] for r in records)),
         "constrained": bool(cfg.decode.constrained),
         "decode_seconds": decode_seconds,
@@ -164,17 +169,10 @@ def run_evaluation(
     return result
 
 
-def codec_parse(suffix: str) -> list[Any]:
-    """Objects of a ground-truth suffix (for the object-count error)."""
-    from paligemma_seg.segtokens import codec as codec_lib
-
-    return codec_lib.parse_suffix(suffix)
-
-
 def _write_outputs(
     result: dict[str, Any],
     records: list[dict[str, Any]],
-    sheet_rows: list[dict[str, Any]],
+    sheet_rows: list[tuple],
     workdir: str,
     step: int | None,
 ) -> None:

@@ -1,8 +1,9 @@
-"""Turns an experiment ConfigDict into objects, in one place: model, tokenizer, codec, weights, data files.
+"""Turns an experiment ConfigDict into objects in one place: model, tokenizer, codec, weights, data.
 
-Every function here reads the config and fails early with a message that names the missing file, where it
-was expected and how to get it. Training, evaluation and prediction all build their objects through here;
-nothing else reads `cfg.model`, `cfg.tokenizer`, `cfg.codec`, `cfg.init` or the data-preparation keys.
+Every function here reads the config and fails early with a message that names the missing file,
+where it was expected and how to get it. Training, evaluation and prediction all build their objects
+through here; nothing else reads `cfg.model`, `cfg.tokenizer`, `cfg.codec`, `cfg.init` or the
+data-preparation keys.
 """
 
 from __future__ import annotations
@@ -14,19 +15,21 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
-from paligemma_seg import checkpoint
-from paligemma_seg.model import PaliGemma, PaliGemmaConfig, get_preset, init_params
+from paligemma_seg import checkpoint, optim
+from paligemma_seg.model import PaliGemma, PaliGemmaConfig, get_preset, init_params, param_shapes
 
 _REAL_HELP = (
     'See the README section "With real weights", or run `python scripts/download_weights.py{args}` '
     "(needs the internet; model weights also need the licence accepted on Kaggle or Hugging Face)."
 )
 _SMALL_HELP = {
-    "tokenizer_small.model": "It ships in git: `git checkout -- checkpoints/tokenizer_small.model`, or "
-    "rebuild it with `python scripts/make_small_tokenizer.py`.",
-    "vqvae_small.npz": "It ships in git: `git checkout -- checkpoints/vqvae_small.npz`, or retrain it with "
-    "`python -m paligemma_seg.segtokens.train_vqvae` (see checkpoints/README.md).",
+    "tokenizer_small.model": "It ships in git: `git checkout -- "
+    "checkpoints/tokenizer_small.model`, or rebuild it with "
+    "`python scripts/make_small_tokenizer.py`.",
+    "vqvae_small.npz": "It ships in git: `git checkout -- checkpoints/vqvae_small.npz`, or "
+    "retrain it with `python -m paligemma_seg.segtokens.train_vqvae` (see checkpoints/README.md).",
 }
 
 
@@ -62,8 +65,9 @@ def load_tokenizer(cfg: ml_collections.ConfigDict) -> Any:
     vocab = model_config(cfg).llm.vocab_size
     if tokenizer.vocab_size > vocab:
         raise ValueError(
-            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary has "
-            f"{vocab} rows; set --config.model.overrides.llm.vocab_size={tokenizer.vocab_size} or use "
+            f"tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} ids but the model's vocabulary "
+            f"has {vocab} rows; set --config.model.overrides.llm.vocab_size="
+            f"{tokenizer.vocab_size} or use "
             "the tokenizer that belongs to the weights."
         )
     return tokenizer
@@ -101,7 +105,7 @@ def check_init(cfg: ml_collections.ConfigDict) -> str:
 
 
 def load_weights(cfg: ml_collections.ConfigDict, config: PaliGemmaConfig) -> dict[str, Any]:
-    """Host (numpy) parameters from a big_vision .npz or an HF directory, checked against `config`."""
+    """Host (numpy) parameters from a big_vision .npz or an HF directory, fitting `config`."""
     from paligemma_seg import weights
 
     _, params = weights.load(
@@ -125,40 +129,52 @@ def _as_overrides(config: PaliGemmaConfig) -> dict[str, Any]:
 
 
 def initial_params(
-    cfg: ml_collections.ConfigDict, model: PaliGemma, rng: jax.Array, shardings: Any = None
+    cfg: ml_collections.ConfigDict, model: PaliGemma, rng: jax.Array, target: Any = None
 ) -> dict[str, Any]:
     """Parameters to start from: `cfg.init` (npz, HF directory or orbax checkpoint) or random init.
 
-    With `shardings` (tree of jax.sharding.Sharding) arrays are created/placed already split, so a
-    parameter never has to fit whole on one device.
+    `target`: optional tree of jax.ShapeDtypeStruct with shardings (e.g. frozen weights in bf16),
+    or a tree of shardings (dtypes: `param_dtype`). Weights are cast on the host and placed already
+    split, so no device ever holds a full-precision copy of the whole model. Default: first device.
     """
     config = model.config
+    if target is None:
+        target = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(jax.tree_util.tree_leaves(target)[0], jax.sharding.Sharding):
+        shapes = param_shapes(config)
+        if isinstance(target, jax.sharding.Sharding):
+            target = jax.tree_util.tree_map(lambda _: target, shapes)
+        target = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, target
+        )
+    shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
     kind = check_init(cfg)
     if kind == "":
-        init = lambda key: init_params(config, key)
-        return jax.jit(init, out_shardings=shardings)(rng)
+        cast = lambda tree: jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype), tree, target)
+        return jax.jit(lambda key: cast(init_params(config, key)), out_shardings=shardings)(rng)
     if kind == "orbax":
-        from paligemma_seg.model import param_shapes
-
-        abstract = param_shapes(config)
-        if shardings is not None:
-            abstract = jax.tree_util.tree_map(
-                lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
-            )
-        else:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            abstract = jax.tree_util.tree_map(
-                lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract
-            )
-        return checkpoint.restore_params(cfg.init, abstract)
+        return checkpoint.restore_params(cfg.init, target)
     host = load_weights(cfg, config)
-    if shardings is None:
-        return jax.tree_util.tree_map(jax.device_put, host)
+    _check_tree(host, target, cfg.init)
     return jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+        lambda x, t: jax.make_array_from_callback(
+            t.shape, t.sharding, lambda index: np.asarray(x[index]).astype(t.dtype)
+        ),
         host,
-        shardings,
+        target,
     )
+
+
+def _check_tree(host: Any, target: Any, source: str) -> None:
+    """Loaded parameters must have the model's tree and shapes."""
+    got = {k: tuple(v.shape) for k, v in optim.flatten(host).items()}
+    want = {k: tuple(v.shape) for k, v in optim.flatten(target).items()}
+    if got != want:
+        diff = sorted(set(got.items()) ^ set(want.items()))[:6]
+        raise ValueError(
+            f"{source}: parameters do not match the model of config model.preset/overrides; first "
+            f"differences (path, shape): {diff}."
+        )
 
 
 def split_jsonl(cfg: ml_collections.ConfigDict, split: str) -> str:
@@ -167,20 +183,21 @@ def split_jsonl(cfg: ml_collections.ConfigDict, split: str) -> str:
 
 
 def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict[str, str]:
-    """Makes sure `splits` exist as JSONL: generates synthetic tiles and runs the convert CLI if needed.
+    """Makes sure `splits` exist as JSONL: generates synthetic tiles, runs convert if needed.
 
     Returns split -> JSONL path. Only process 0 writes; the others wait for it.
     """
     paths = {split: split_jsonl(cfg, split) for split in splits}
     missing = [s for s, p in paths.items() if not os.path.isfile(p)]
     if missing and jax.process_index() == 0:
+        codec = load_codec(cfg)  # Fail on a missing codec before generating anything.
         synthetic = cfg.data.synthetic
         if synthetic.num_images > 0 and not os.path.isdir(cfg.data.images):
             from paligemma_seg.data import synthetic as synthetic_lib
 
             out = pathlib.Path(cfg.data.images).parent
             synthetic_lib.generate(out, synthetic.num_images, synthetic.size, synthetic.seed)
-        _convert(cfg)
+        _convert(cfg, codec)
     if missing and jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -194,8 +211,8 @@ def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
     return paths
 
 
-def _convert(cfg: ml_collections.ConfigDict) -> None:
-    """Runs the convert CLI (paligemma_seg.data.convert) on data.images/masks with the config's codec."""
+def _convert(cfg: ml_collections.ConfigDict, codec: Any) -> None:
+    """Converts data.images/masks with paligemma_seg.data.convert and the config's codec."""
     for key in ("images", "masks"):
         if not os.path.isdir(cfg.data[key]):
             raise ValueError(
@@ -210,7 +227,7 @@ def _convert(cfg: ml_collections.ConfigDict) -> None:
         cfg.data.jsonl_dir,
         cfg.data.splits.to_dict(),
         prefix=cfg.data.prefix,
-        codec=load_codec(cfg),
+        codec=codec,
     )
     logging.info(
         "Converted %d image/mask pairs into %s (ceiling mIoU %s)",

@@ -6,7 +6,7 @@ The language is the codec's output format, in token ids:
   | OBJ (MID OBJ)* END EOS                     OBJ = <loc>y1 <loc>x1 <loc>y2 <loc>x2 <seg>x16
 
 MID (label + separator, e.g. " water ; ") and END (label, e.g. " water") are the exact token
-sequences the tokenizer produces in context; `Grammar.from_suffix` reads them off a real two-object
+sequences the tokenizer produces in context; `from_suffix` reads them off a real two-object
 suffix, so the grammar fits any tokenizer. Boxes satisfy y1 + gap_y <= y2 and x1 + gap_x <= x2:
 gap 1 is the codec's parse rule (y2 > y1); given the size of the image an output is decoded at, the
 gap grows to ceil(1023 / side) so that the box also keeps at least one pixel after the codec's floor
@@ -135,130 +135,138 @@ def split_suffix_tokens(
     return mid, end
 
 
-class Grammar:
-    """Builds `GrammarTables` for a vocabulary layout and a (MID, END) pair."""
+def _token_tables(
+    vocab_size: int, loc_ids: Sequence[int], seg_ids: Sequence[int], eos_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(token_class int32[V], loc_value int32[V]) of a vocabulary layout."""
+    token_class = np.full((vocab_size,), OTHER, np.int32)
+    loc_value = np.full((vocab_size,), -1, np.int32)
+    token_class[np.asarray(loc_ids)] = LOC
+    loc_value[np.asarray(loc_ids)] = np.arange(len(loc_ids), dtype=np.int32)
+    token_class[np.asarray(seg_ids)] = SEG
+    token_class[eos_id] = EOS
+    return token_class, loc_value
 
-    @staticmethod
-    def build(
-        vocab_size: int,
-        loc_ids: Sequence[int],
-        seg_ids: Sequence[int],
-        eos_id: int,
-        mid: Sequence[int],
-        end: Sequence[int],
-        max_objects: int,
-        max_new_tokens: int,
-        strict_boxes: bool = True,
-    ) -> GrammarTables:
-        """Tables of the grammar.
 
-        Args:
-          vocab_size: the model's vocabulary size V (may exceed the tokenizer's; extra ids are
-            never allowed).
-          loc_ids: ids of <loc0000>.. in bin order; seg_ids: ids of <seg000>.. (any order).
-          eos_id: the end-of-sequence id.
-          mid: tokens between two objects (label + separator).
-          end: tokens after the last object (label).
-          max_objects: cap on the number of objects.
-          max_new_tokens: the decoding budget; the cap is lowered so every output ends in it.
-          strict_boxes: require y2 > y1 and x2 > x1 (else >=).
-        """
-        mid, end = [int(i) for i in mid], [int(i) for i in end]
-        special = set(int(i) for i in loc_ids) | set(int(i) for i in seg_ids) | {int(eos_id)}
-        if special & (set(mid) | set(end)):
-            raise ValueError(f"label/separator tokens {mid} / {end} may not be <loc>/<seg>/EOS")
-        token_class = np.full((vocab_size,), OTHER, np.int32)
-        loc_value = np.full((vocab_size,), -1, np.int32)
-        token_class[np.asarray(loc_ids)] = LOC
-        loc_value[np.asarray(loc_ids)] = np.arange(len(loc_ids), dtype=np.int32)
-        token_class[np.asarray(seg_ids)] = SEG
-        token_class[eos_id] = EOS
+def _tail_trie(mid: list[int], end: list[int]) -> list[dict]:
+    """Trie over the two ways an object's tail can go: END then EOS, or MID then the next object.
 
-        # Trie over the two ways an object's tail can go: END then EOS, or MID then the next object.
-        nodes: list[dict] = [{"children": {}, "eos": False, "loc": False, "on_end": True}]
-        for path, is_end in ((end, True), (mid, False)):
-            node = 0
-            for token in path:
-                children = nodes[node]["children"]
-                if token not in children:
-                    children[token] = len(nodes)
-                    nodes.append({"children": {}, "eos": False, "loc": False, "on_end": False})
-                node = children[token]
-                nodes[node]["on_end"] |= is_end
-            nodes[node]["eos" if is_end else "loc"] = True
+    Node 0 is the root; each node has `children` (token -> node), `eos` / `loc` (may end there /
+    start the next object there) and `on_end` (lies on the END path, so it does not commit to
+    one more object)."""
+    nodes: list[dict] = [{"children": {}, "eos": False, "loc": False, "on_end": True}]
+    for path, is_end in ((end, True), (mid, False)):
+        node = 0
+        for token in path:
+            children = nodes[node]["children"]
+            if token not in children:
+                children[token] = len(nodes)
+                nodes.append({"children": {}, "eos": False, "loc": False, "on_end": False})
+            node = children[token]
+            nodes[node]["on_end"] |= is_end
+        nodes[node]["eos" if is_end else "loc"] = True
+    return nodes
 
-        num_states = TAIL_ROOT + len(nodes) + 1
-        done = num_states - 1
-        width = max(1, max(len(node["children"]) for node in nodes))
-        allow_loc = np.zeros((num_states,), bool)
-        allow_seg = np.zeros((num_states,), bool)
-        allow_eos = np.zeros((num_states,), bool)
-        loc_role = np.zeros((num_states,), np.int32)
-        loc_next = np.full((num_states,), done, np.int32)
-        seg_next = np.full((num_states,), done, np.int32)
-        literal_ids = np.full((num_states, width), vocab_size, np.int32)
-        literal_next = np.full((num_states, width), done, np.int32)
-        literal_more = np.zeros((num_states, width), bool)
 
-        allow_eos[START] = True
-        allow_loc[START], loc_role[START], loc_next[START] = True, ROLE_Y1, 1
-        for state, role in ((1, ROLE_X1), (2, ROLE_Y2), (3, ROLE_X2)):
-            allow_loc[state], loc_role[state], loc_next[state] = True, role, state + 1
-        for state in range(FIRST_SEG, TAIL_ROOT):
-            allow_seg[state], seg_next[state] = True, state + 1
-        for index, node in enumerate(nodes):
-            state = TAIL_ROOT + index
-            allow_eos[state] = node["eos"]
-            if node["loc"]:
-                allow_loc[state], loc_role[state], loc_next[state] = True, ROLE_Y1, 1
-            for k, (token, child) in enumerate(sorted(node["children"].items())):
-                literal_ids[state, k] = token
-                literal_next[state, k] = TAIL_ROOT + child
-                literal_more[state, k] = not nodes[child]["on_end"]
-        allow_eos[done] = True  # decoding pads after EOS; this only keeps the mask non-empty.
+def _state_tables(nodes: list[dict], vocab_size: int) -> dict[str, np.ndarray]:
+    """Per-state arrays (see `GrammarTables`) of the automaton with the tail trie `nodes`."""
+    num_states = TAIL_ROOT + len(nodes) + 1
+    done = num_states - 1
+    width = max(1, max(len(node["children"]) for node in nodes))
+    t = {
+        "allow_loc": np.zeros((num_states,), bool),
+        "allow_seg": np.zeros((num_states,), bool),
+        "allow_eos": np.zeros((num_states,), bool),
+        "loc_role": np.zeros((num_states,), np.int32),
+        "loc_next": np.full((num_states,), done, np.int32),
+        "seg_next": np.full((num_states,), done, np.int32),
+        "literal_ids": np.full((num_states, width), vocab_size, np.int32),
+        "literal_next": np.full((num_states, width), done, np.int32),
+        "literal_more": np.zeros((num_states, width), bool),
+    }
+    t["allow_eos"][START] = True  # the empty mask
+    corners = ((START, ROLE_Y1), (1, ROLE_X1), (2, ROLE_Y2), (3, ROLE_X2))
+    for state, role in corners:
+        t["allow_loc"][state], t["loc_role"][state], t["loc_next"][state] = True, role, state + 1
+    for state in range(FIRST_SEG, TAIL_ROOT):
+        t["allow_seg"][state], t["seg_next"][state] = True, state + 1
+    for index, node in enumerate(nodes):
+        state = TAIL_ROOT + index
+        t["allow_eos"][state] = node["eos"]
+        if node["loc"]:
+            t["allow_loc"][state], t["loc_role"][state], t["loc_next"][state] = True, ROLE_Y1, 1
+        for k, (token, child) in enumerate(sorted(node["children"].items())):
+            t["literal_ids"][state, k] = token
+            t["literal_next"][state, k] = TAIL_ROOT + child
+            t["literal_more"][state, k] = not nodes[child]["on_end"]
+    t["allow_eos"][done] = True  # decoding pads after EOS; this only keeps the mask non-empty.
+    return t
 
-        cap = min(max_objects, max_objects_in_budget(max_new_tokens, len(mid), len(end)))
-        return GrammarTables(
-            token_class=jnp.asarray(token_class),
-            loc_value=jnp.asarray(loc_value),
-            allow_loc=jnp.asarray(allow_loc),
-            allow_seg=jnp.asarray(allow_seg),
-            allow_eos=jnp.asarray(allow_eos),
-            loc_role=jnp.asarray(loc_role),
-            loc_next=jnp.asarray(loc_next),
-            seg_next=jnp.asarray(seg_next),
-            literal_ids=jnp.asarray(literal_ids),
-            literal_next=jnp.asarray(literal_next),
-            literal_more=jnp.asarray(literal_more),
-            max_objects=jnp.asarray(cap, jnp.int32),
-            gap=jnp.asarray(1 if strict_boxes else 0, jnp.int32),
-            num_bins=jnp.asarray(len(loc_ids), jnp.int32),
-        )
 
-    @staticmethod
-    def from_suffix(
-        tokenizer,
-        example_suffix: str,
-        vocab_size: int,
-        max_objects: int,
-        max_new_tokens: int,
-        strict_boxes: bool = True,
-    ) -> GrammarTables:
-        """Tables with MID/END read off `tokenizer.encode(example_suffix)` (two objects)."""
-        loc_ids = np.asarray(tokenizer.loc_ids)
-        seg_ids = np.asarray(tokenizer.seg_ids)
-        mid, end = split_suffix_tokens(tokenizer.encode(example_suffix), loc_ids, seg_ids)
-        return Grammar.build(
-            vocab_size=vocab_size,
-            loc_ids=loc_ids,
-            seg_ids=seg_ids,
-            eos_id=tokenizer.eos_id,
-            mid=mid,
-            end=end,
-            max_objects=max_objects,
-            max_new_tokens=max_new_tokens,
-            strict_boxes=strict_boxes,
-        )
+def build(
+    vocab_size: int,
+    loc_ids: Sequence[int],
+    seg_ids: Sequence[int],
+    eos_id: int,
+    mid: Sequence[int],
+    end: Sequence[int],
+    max_objects: int,
+    max_new_tokens: int,
+    strict_boxes: bool = True,
+) -> GrammarTables:
+    """Tables of the grammar for a vocabulary layout and a (MID, END) pair.
+
+    Args:
+      vocab_size: the model's vocabulary size V (may exceed the tokenizer's; extra ids are
+        never allowed).
+      loc_ids: ids of <loc0000>.. in bin order; seg_ids: ids of <seg000>.. (any order).
+      eos_id: the end-of-sequence id.
+      mid: tokens between two objects (label + separator).
+      end: tokens after the last object (label).
+      max_objects: cap on the number of objects.
+      max_new_tokens: the decoding budget; the cap is lowered so every output ends in it.
+      strict_boxes: require y2 > y1 and x2 > x1 (else >=).
+    """
+    mid, end = [int(i) for i in mid], [int(i) for i in end]
+    special = set(int(i) for i in loc_ids) | set(int(i) for i in seg_ids) | {int(eos_id)}
+    if special & (set(mid) | set(end)):
+        raise ValueError(f"label/separator tokens {mid} / {end} may not be <loc>/<seg>/EOS")
+    token_class, loc_value = _token_tables(vocab_size, loc_ids, seg_ids, eos_id)
+    states = _state_tables(_tail_trie(mid, end), vocab_size)
+    cap = min(max_objects, max_objects_in_budget(max_new_tokens, len(mid), len(end)))
+    return GrammarTables(
+        token_class=jnp.asarray(token_class),
+        loc_value=jnp.asarray(loc_value),
+        **{name: jnp.asarray(value) for name, value in states.items()},
+        max_objects=jnp.asarray(cap, jnp.int32),
+        gap=jnp.asarray(1 if strict_boxes else 0, jnp.int32),
+        num_bins=jnp.asarray(len(loc_ids), jnp.int32),
+    )
+
+
+def from_suffix(
+    tokenizer,
+    example_suffix: str,
+    vocab_size: int,
+    max_objects: int,
+    max_new_tokens: int,
+    strict_boxes: bool = True,
+) -> GrammarTables:
+    """Tables with MID/END read off `tokenizer.encode(example_suffix)` (two objects)."""
+    loc_ids = np.asarray(tokenizer.loc_ids)
+    seg_ids = np.asarray(tokenizer.seg_ids)
+    mid, end = split_suffix_tokens(tokenizer.encode(example_suffix), loc_ids, seg_ids)
+    return build(
+        vocab_size=vocab_size,
+        loc_ids=loc_ids,
+        seg_ids=seg_ids,
+        eos_id=tokenizer.eos_id,
+        mid=mid,
+        end=end,
+        max_objects=max_objects,
+        max_new_tokens=max_new_tokens,
+        strict_boxes=strict_boxes,
+    )
 
 
 def allowed_tokens(tables: GrammarTables, state: GrammarState) -> jax.Array:

@@ -1,9 +1,10 @@
 """Optimizers, learning-rate schedules and the trainable-parameter mask.
 
-Owns which parameters train (`trainable_mask`, by name), how a parameter tree is split into its trainable
-and frozen parts, and the optax transform applied to the trainable part. The train step feeds the
-optimizer only the trainable subtree, so frozen parameters get neither gradients nor optimizer state.
-Knows nothing about the model's internals beyond big_vision's parameter names, nor about the mesh.
+Owns which parameters train (`trainable_mask`, by name), how a parameter tree is split into its
+trainable and frozen parts, and the optax transform applied to the trainable part. The train step
+feeds the optimizer only the trainable subtree, so frozen parameters get neither gradients nor
+optimizer state. Knows nothing about the model's internals beyond big_vision's parameter names, nor
+about the mesh.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class OptimConfig:
             raise ValueError(f"optim.grad_accum={self.grad_accum} must be >= 1.")
         if self.frozen_dtype not in ("", "float32", "bfloat16", "float16"):
             raise ValueError(
-                f"optim.frozen_dtype={self.frozen_dtype!r}; use '', 'float32', 'bfloat16' or 'float16'."
+                f"optim.frozen_dtype={self.frozen_dtype!r}; use '', 'float32', 'bfloat16' or "
+                "'float16'."
             )
 
 
@@ -82,8 +84,8 @@ def trainable_mask(params: Params, trainable: str) -> Params:
         regex = re.compile(pattern)
     except re.error as error:
         raise ValueError(
-            f"optim.trainable={trainable!r} is neither one of {sorted(TRAINABLE_PRESETS)} nor a valid "
-            f"regex: {error}"
+            f"optim.trainable={trainable!r} is neither one of {sorted(TRAINABLE_PRESETS)} nor a "
+            f"valid regex: {error}"
         ) from error
     flat = flatten(params)
     mask = {path: bool(regex.search(path)) for path in flat}
@@ -109,7 +111,7 @@ def merge_params(first: Params, second: Params) -> Params:
 
 
 def cast_frozen(params: Params, mask: Params, dtype: str) -> Params:
-    """Frozen leaves cast to `dtype` ('' = unchanged); trainable leaves keep their (master) dtype."""
+    """Frozen leaves cast to `dtype` ('' = unchanged); trainable ones keep their (master) dtype."""
     if not dtype:
         return params
     flat, flat_mask = flatten(params), flatten(mask)
@@ -153,7 +155,7 @@ def _decay_mask(params: Params) -> Params:
 def make_optimizer(
     cfg: OptimConfig, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """optax transform for the trainable subtree (clip -> weight decay -> optimizer) and its schedule."""
+    """optax transform of the trainable subtree (clip -> weight decay -> optimizer), schedule."""
     schedule = make_schedule(cfg, total_steps)
     parts: list[optax.GradientTransformation] = []
     if cfg.clip_norm > 0:

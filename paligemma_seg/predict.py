@@ -114,9 +114,16 @@ class Segmenter:
         self.mesh = _mesh_of(params)
         devices = 1 if self.mesh is None else self.mesh.devices.size
         self.batch_size = -(-int(cfg.eval.batch_size) // devices) * devices
+        self._decoders: dict[str, tuple[Any, grammar.GrammarTables | None, int]] = {}
+        self._batches = 0  # folded into the sampling key, so batches draw different samples
 
     def _decoding(self, prompt: str) -> tuple[Any, grammar.GrammarTables | None, int]:
-        """(decode function, grammar tables or None, prompt length) for `prompt`."""
+        """(decode function, grammar tables or None, prompt length) for `prompt`, built once."""
+        if prompt not in self._decoders:
+            self._decoders[prompt] = self._build_decoding(prompt)
+        return self._decoders[prompt]
+
+    def _build_decoding(self, prompt: str) -> tuple[Any, grammar.GrammarTables | None, int]:
         from paligemma_seg import sharding
 
         prompt_len = decode.prompt_length(self.tokenizer, [prompt])
@@ -135,7 +142,7 @@ class Segmenter:
         fn = decode.make_decode_fn(self.model, settings, rules=rules, out_shardings=out)
         tables = None
         if self.cfg.decode.constrained and is_segmentation_prompt(prompt):
-            tables = grammar.Grammar.from_suffix(
+            tables = grammar.from_suffix(
                 self.tokenizer,
                 example_suffix(self.codec.config.label),
                 vocab_size=self.model.config.llm.vocab_size,
@@ -175,7 +182,9 @@ class Segmenter:
                 "image_sizes": np.asarray(sizes[start : start + count], np.int32),
             }
             batch = decode.pad_batch(batch, self.batch_size)
-            result = fn(self.params, self._place(batch), tables)
+            rng = jax.random.fold_in(jax.random.PRNGKey(self.cfg.seed), self._batches)
+            self._batches += 1
+            result = fn(self.params, self._place(batch), tables, rng)
             ids = decode.output_ids(result)[:count]
             finished = np.asarray(jax.device_get(result.finished))[:count]
             for index, (row, done) in enumerate(zip(ids, finished, strict=True)):

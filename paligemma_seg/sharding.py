@@ -1,14 +1,15 @@
 """The device mesh and every partition rule: the only file that names mesh axes.
 
-Owns: joining a multi-host run (`initialize_distributed`), the mesh ('data', 'fsdp'), the rules mapping the
-model's logical axis names (`paligemma_seg.model.logical_axes`) to mesh axes, and the shardings of parameters,
-optimizer state and batches. Knows nothing about the model or the optimizer beyond tree shapes.
+Owns: joining a multi-host run (`initialize_distributed`), the mesh ('data', 'fsdp'), the rules
+mapping the model's logical axis names (`paligemma_seg.model.logical_axes`) to mesh axes, and the
+shardings of parameters, optimizer state and batches. Knows nothing about the model or the optimizer
+beyond tree shapes.
 
-Rules are (logical name, mesh axes) pairs in priority order, as in flax: the first rule whose logical name
-occurs in an array's axes claims its mesh axes, and a mesh axis is used once per array. For parameters a
-rule is also skipped when the dimension is not divisible by the mesh axes' size (so a later dimension may
-take them); a parameter left fully replicated that way is allowed only if it is small
-(< REPLICATE_BELOW_BYTES) and is marked in the table, otherwise a ValueError names it.
+Rules are (logical name, mesh axes) pairs in priority order, as in flax: the first rule whose
+logical name occurs in an array's axes claims its mesh axes, and a mesh axis is used once per array.
+For parameters a rule is also skipped when the dimension is not divisible by the mesh axes' size (so
+a later dimension may take them); a parameter left fully replicated that way is allowed only if it
+is small (< REPLICATE_BELOW_BYTES) and is marked in the table, otherwise a ValueError names it.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ _ACTIVATIONS: Rules = (
     ("cache_length", None),
 )
 RULES: dict[str, Rules] = {
-    # Fully-sharded data parallel: every large parameter (and its optimizer state) is split over 'fsdp'
-    # along its widest model dimension; XLA all-gathers it for use and reduce-scatters its gradient.
+    # Fully-sharded data parallel: every large parameter (and its optimizer state) is split over
+    # 'fsdp' along one model dimension; XLA all-gathers it for use and reduce-scatters its gradient.
     "fsdp": (
         *_ACTIVATIONS,
         ("embed", "fsdp"),
@@ -52,31 +53,50 @@ RULES: dict[str, Rules] = {
 }
 
 
+def _cloud_tpu_vm() -> bool:
+    """Whether this is a Cloud TPU VM (JAX's own check; private API, so failures mean no)."""
+    try:
+        from jax._src.clusters.cloud_tpu_cluster import running_in_cloud_tpu_vm
+    except ImportError:
+        return False
+    return bool(running_in_cloud_tpu_vm)
+
+
+def cluster_detected() -> bool:
+    """Whether the environment shows a multi-process launch that JAX can configure by itself."""
+    env = os.environ
+    return (
+        _cloud_tpu_vm()  # TPU pod slices: every host runs the same command.
+        or int(env.get("SLURM_NTASKS", "1")) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+
+
 def initialize_distributed(
+    mode: str = "auto",
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
 ) -> bool:
-    """Joins a multi-process run when there is one; returns whether `jax.distributed` was initialised.
+    """Joins a multi-process run; returns whether `jax.distributed` was initialised.
 
-    Explicit arguments win (e.g. 'localhost:1234', 2, i for a run on one machine). Otherwise JAX's cluster
-    auto-detection runs when the environment shows a cluster: a TPU pod slice (TPU_WORKER_HOSTNAMES lists
-    several hosts), SLURM (SLURM_NTASKS > 1), Open MPI (OMPI_COMM_WORLD_SIZE > 1) or an explicit
-    JAX_COORDINATOR_ADDRESS. Must run before anything touches a JAX device.
+    mode 'auto': explicit arguments win (e.g. 'localhost:1234', 2, i for processes on one machine);
+    otherwise JAX's cluster auto-detection runs when `cluster_detected()` (Cloud TPU VM, SLURM with
+    several tasks, Open MPI). 'on': always initialise (JAX detects the rest, e.g. from
+    JAX_COORDINATOR_ADDRESS or a Kubernetes/mpi4py environment); 'off': never. Must run before
+    anything touches a JAX device.
     """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"--distributed={mode!r}; use auto, on or off.")
+    if mode == "off":
+        return False
     if coordinator_address:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return True
-    env = os.environ
-    cluster = (
-        len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-        or bool(env.get("JAX_COORDINATOR_ADDRESS"))
-    )
-    if cluster:
+    if mode == "on" or cluster_detected():
         jax.distributed.initialize()
-    return cluster
+        return True
+    return False
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, devices: Sequence[Any] | None = None) -> Mesh:
@@ -86,7 +106,8 @@ def make_mesh(data: int = 1, fsdp: int = -1, devices: Sequence[Any] | None = Non
     if fsdp == -1:
         if data < 1 or count % data:
             raise ValueError(
-                f"mesh.data={data} must divide the {count} devices; set mesh.data to a divisor of {count}."
+                f"mesh.data={data} must divide the {count} devices; set mesh.data to a divisor "
+                f"of {count}."
             )
         fsdp = count // data
     if data * fsdp != count:
@@ -180,7 +201,7 @@ def format_table(rows: Sequence[tuple[str, tuple[int, ...], str, str]]) -> str:
 
 
 def _state_leaf_spec(state_leaf: Any, spec: PartitionSpec, param: Any) -> PartitionSpec:
-    """Spec of an optimizer-state leaf that mirrors `param` (factored moments drop one dimension)."""
+    """Spec of an optimizer-state leaf mirroring `param` (factored moments drop a dimension)."""
     if not hasattr(state_leaf, "shape"):
         return PartitionSpec()
     full = tuple(spec) + (None,) * (len(param.shape) - len(tuple(spec)))
@@ -196,7 +217,7 @@ def _state_leaf_spec(state_leaf: Any, spec: PartitionSpec, param: Any) -> Partit
 def opt_state_specs(
     tx: optax.GradientTransformation, abstract_opt_state: Any, specs: Any, abstract_params: Any
 ) -> Any:
-    """Specs of the optimizer state: parameter-shaped leaves follow their parameter, the rest replicate."""
+    """Optimizer-state specs: parameter-shaped leaves follow their parameter, the rest replicate."""
     return optax.tree_map_params(
         tx,
         _state_leaf_spec,
@@ -233,10 +254,9 @@ def local_batch_rows(mesh: Mesh, global_batch: int) -> slice:
     starts = [idx[0].start or 0 for idx in indices.values()]
     stops = [global_batch if idx[0].stop is None else idx[0].stop for idx in indices.values()]
     start, stop = min(starts), max(stops)
-    if stop - start != sum(b - a for a, b in set(zip(starts, stops, strict=True))):
-        raise RuntimeError(
-            f"this process's batch rows are not contiguous: {sorted(zip(starts, stops))}"
-        )
+    blocks = sorted(set(zip(starts, stops, strict=True)))
+    if stop - start != sum(b - a for a, b in blocks):
+        raise RuntimeError(f"this process's batch rows are not contiguous: {blocks}")
     return slice(start, stop)
 
 
@@ -245,8 +265,8 @@ def check_batch(mesh: Mesh, batch_size: int, grad_accum: int) -> None:
     devices = mesh.devices.size
     if batch_size % grad_accum or (batch_size // grad_accum) % devices:
         raise ValueError(
-            f"batch_size={batch_size} / optim.grad_accum={grad_accum} must be a multiple of the {devices} "
-            f"devices; set batch_size to a multiple of {grad_accum * devices}."
+            f"batch_size={batch_size} / optim.grad_accum={grad_accum} must be a multiple of the "
+            f"{devices} devices; set batch_size to a multiple of {grad_accum * devices}."
         )
 
 

@@ -1,16 +1,19 @@
-"""`python -m paligemma_seg.train --config configs/water_tiny.py [--config.a.b=v ...] [--workdir DIR]`.
+"""`python -m paligemma_seg.train --config configs/X.py [--config.a.b=v ...] [--workdir DIR]`.
 
 The command line of training: flags, multi-host start-up, logging set-up; the run itself is
-`train_loop.run` and the pure step is `train_step.make_train_step` (re-exported here).
-Multi-host: run the same command on every host. TPU pods and SLURM/Open MPI GPU clusters are detected
-automatically; elsewhere pass --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+`train_loop.run` and the pure step is `train_step.make_train_step` (re-exported here). Multi-host:
+run the same command on every host. TPU pods and SLURM/Open MPI GPU clusters are detected
+automatically (--distributed=auto); elsewhere pass --coordinator_address=HOST:PORT
+--num_processes=N --process_id=I on each host.
 Running the same command again in the same workdir resumes from its latest checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,6 +28,10 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory; default: the config's `workdir`."
 )
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process start-up: auto-detect (Cloud TPU VM, SLURM, Open MPI), always, or never.",
+)  # fmt: skip
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for a manual multi-process run."
 )
@@ -46,6 +53,12 @@ def _configure_logging(process_index: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _raised_by_us(error: BaseException) -> bool:
+    """Whether `error` was raised in this package (our checks word their messages)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and f"{os.sep}paligemma_seg{os.sep}" in frames[-1].filename
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -56,7 +69,9 @@ def main(argv: list[str]) -> None:
         sharding,
     )  # After flag parsing: nothing may touch a device before this.
 
-    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    sharding.initialize_distributed(
+        _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
     import jax
 
     _configure_logging(jax.process_index())
@@ -67,8 +82,10 @@ def main(argv: list[str]) -> None:
 
     try:
         result = train_loop.run(cfg, workdir)
-    except ValueError as error:  # Config and file problems: one clear line, no traceback.
-        logging.error("%s", error)
+    except ValueError as error:
+        if not _raised_by_us(error):
+            raise
+        logging.error("%s", error)  # Our config/file checks: one clear line, no traceback.
         sys.exit(1)
     if jax.process_index() == 0:
         logging.info("Done: %s", {k: v for k, v in result.items() if k != "eval"})

@@ -1,12 +1,14 @@
-"""The pure training and validation steps: masked next-token loss, gradients of trainable parameters only.
+"""The pure training and validation steps: masked next-token loss, trainable-only gradients.
 
-Owns `TrainState`, `next_token_loss` and the step functions built by `make_train_step` / `make_eval_step`.
-Nothing here reads configs, touches files or names a mesh axis: the caller jits the steps with explicit
-shardings (train_loop.py) and activates the logical-axis rules given here at trace time.
+Owns `TrainState`, `next_token_loss` and the step functions built by `make_train_step` /
+`make_eval_step`. Nothing here reads configs, touches files or names a mesh axis: the caller jits
+the steps with explicit shardings (train_loop.py) and activates the logical-axis rules given here at
+trace time.
 
-Loss: targets are `text[:, 1:]`, predicted from `logits[:, :-1]`, weighted by `mask_loss[:, 1:]` (the suffix
-and its EOS); the cross-entropy is summed over the whole global batch and divided by the number of
-supervised tokens, so every token counts the same (transformers' mean over labels != -100).
+Loss: targets are `text[:, 1:]`, predicted from `logits[:, :-1]`, weighted by `mask_loss[:, 1:]`
+(the suffix and its EOS); the cross-entropy is summed over the whole global batch and divided by the
+number of supervised tokens, so every token counts the same (transformers' mean over labels !=
+-100).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def next_token_loss(
 ) -> tuple[jax.Array, jax.Array]:
     """(summed cross-entropy float32[], supervised tokens float32[]) of a batch.
 
-    logits float32[B, T, V] at text positions; text int32[B, T]; mask_loss int32[B, T] (1 = supervised).
+    logits float32[B, T, V] at text positions; text int32[B, T]; mask_loss int32[B, T] (1 =
+    supervised).
     Position t predicts token t + 1, so the weights are `mask_loss[:, 1:]`.
     """
     per_token = optax.softmax_cross_entropy_with_integer_labels(
@@ -61,8 +64,8 @@ def _forward_loss(
 
 
 def _micro_batches(batch: Batch, count: int, rules: Sequence[Any]) -> Batch:
-    """[B, ...] -> [count, B / count, ...]: micro-batch j takes rows j, count + j, ... so that each device
-    keeps its own rows (the batch dimension stays split the same way)."""
+    """[B, ...] -> [count, B / count, ...]: micro-batch j takes rows j, count + j, ... so that each
+    device keeps its own rows (the batch dimension stays split the same way)."""
 
     def split(x: jax.Array) -> jax.Array:
         x = x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
@@ -83,10 +86,10 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
-    `trainable`: bool tree from `optim.trainable_mask`. `rng` is the run's base key; the step folds in its
-    step number (the model has no dropout today, so it is unused but kept for stochastic layers).
-    Metrics (float32 scalars): loss, lr, grad_norm (before clipping), param_norm and update_norm (of the
-    trainable parameters), supervised_tokens.
+    `trainable`: bool tree from `optim.trainable_mask`. `rng` is the run's base key; a step would
+    fold in its number (PaliGemma has no dropout, so it is unused but kept for stochastic layers).
+    Metrics (float32 scalars): loss, lr, grad_norm (before clipping), param_norm and update_norm
+    (of the trainable parameters), supervised_tokens.
     """
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:

@@ -25,7 +25,7 @@ SWEEP: list[dict] = [
     {"max_objects": 1},
     {"max_objects": 4},
     {"max_objects": 16},
-    {"crop_others": False},
+    {"crop_others": True},
     {"connectivity": 4},
     {"loc_rounding": "round"},
     {"threshold": 63},
@@ -40,7 +40,7 @@ SWEEP: list[dict] = [
 
 
 def bilinear_ceiling(mask: np.ndarray, config: codec.CodecConfig) -> float:
-    """Ceiling without the VQ-VAE: the 64x64 crops themselves (> 0.5) pasted into the decoded boxes."""
+    """Ceiling without the VQ-VAE: the 64x64 crops (> 0.5) pasted into the decoded boxes."""
     height, width = mask.shape
     objects = codec.to_objects(mask, config)
     locs = codec.box_to_locs(objects.boxes, height, width, config.loc_rounding)
@@ -62,7 +62,12 @@ def evaluate(masks: dict[str, np.ndarray], config: codec.CodecConfig, model) -> 
             encoded = mask_codec.encode(mask)
             decoded = mask_codec.decode(encoded.suffix, *mask.shape)
             ious.append(codec.iou(decoded.mask, mask_codec.reference_mask(mask)))
-            counts = (encoded.cleaned_pixels, encoded.removed_parts, encoded.dropped, encoded.objects)
+            counts = (
+                encoded.cleaned_pixels,
+                encoded.removed_parts,
+                encoded.dropped,
+                encoded.objects,
+            )
         water += int(codec.reference_mask(mask, config.threshold).sum())
         changed, removed = changed + counts[0], removed + counts[1]
         dropped, objects = dropped + counts[2], objects + counts[3]
@@ -77,11 +82,17 @@ def evaluate(masks: dict[str, np.ndarray], config: codec.CodecConfig, model) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--masks", action="append", required=True, help="folder of masks (repeatable)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--masks", action="append", required=True, help="folder of masks (repeatable)"
+    )
     parser.add_argument("--list", default=None, help="only these file names (one per line)")
     parser.add_argument("--vqvae", default="checkpoints/vqvae_small.npz", help="npz, or 'bilinear'")
-    parser.add_argument("--sweep", action="store_true", help="evaluate the option table, not one config")
+    parser.add_argument(
+        "--sweep", action="store_true", help="evaluate the option table, not one config"
+    )
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
     args = parser.parse_args()
 
@@ -94,18 +105,22 @@ def main() -> None:
     masks = {path.name: read_mask(path) for path in list_masks(args.masks, args.list)}
     print(f"{len(masks)} masks, codec: {args.vqvae}, base config: {base}")
     options = SWEEP if args.sweep else [{}, {"whole_mask": True}]
-    header = f"{'options':<40} {'mIoU':>7} {'min':>6} {'clean%':>7} {'removed':>8} {'dropped':>8} {'obj/img':>8} {'s':>5}"
-    print(header)
+    columns = ("mIoU", "min", "clean%", "removed", "dropped", "obj/img", "s")
+    print(f"{'options':<40} " + " ".join(f"{c:>8}" for c in columns))
     for option in options:
         start = time.time()
         result = evaluate(masks, dataclasses.replace(base, **option), model)
         name = ", ".join(f"{k}={v}" for k, v in option.items()) or "defaults"
-        print(
-            f"{name:<40} {result['miou']:7.4f} {result['min_iou']:6.3f} "
-            f"{result['cleaned_pixels_pct_of_water']:7.3f} {result['removed_parts']:8d} "
-            f"{result['dropped_parts']:8d} {result['objects_per_mask']:8.2f} {time.time() - start:5.0f}",
-            flush=True,
+        values = (
+            f"{result['miou']:.4f}",
+            f"{result['min_iou']:.3f}",
+            f"{result['cleaned_pixels_pct_of_water']:.3f}",
+            result["removed_parts"],
+            result["dropped_parts"],
+            f"{result['objects_per_mask']:.2f}",
+            f"{time.time() - start:.0f}",
         )
+        print(f"{name:<40} " + " ".join(f"{v:>8}" for v in values), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Fetch real PaliGemma weights, the PaliGemma tokenizer and the vae-oid mask VQ-VAE into checkpoints/.
+"""Fetch real PaliGemma weights, the PaliGemma tokenizer and vae-oid.npz into checkpoints/.
 
 Needs the internet and, for the model weights, a licence accepted on Kaggle or Hugging Face:
   pip install -e ".[download]"
-  python scripts/download_weights.py --model pg1-3b-224              # Kaggle (big_vision .npz), default
-  python scripts/download_weights.py --model pg2-3b-224 --source hf  # Hugging Face (safetensors directory)
-  python scripts/download_weights.py --only tokenizer vae            # no licence needed
+  python scripts/download_weights.py --model pg1-3b-224             # Kaggle, big_vision .npz
+  python scripts/download_weights.py --model pg2-3b-224 --source hf # Hugging Face directory
+  python scripts/download_weights.py --only tokenizer vae           # no licence needed
 
-Kaggle needs ~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY; Hugging Face needs `huggingface-cli login`
-(or HF_TOKEN). Files are written under a temporary name and renamed when complete.
+Kaggle needs ~/.kaggle/kaggle.json or KAGGLE_USERNAME/KAGGLE_KEY; Hugging Face needs
+`huggingface-cli login` (or HF_TOKEN). Files are written under a temporary name and renamed
+when complete.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ PUBLIC_FILES = {
 
 
 def kaggle_handle(model: str) -> tuple[str, str, str]:
-    """Return (Kaggle model handle, file inside it, name under checkpoints/) for e.g. 'pg2-3b-224'."""
+    """Return (Kaggle handle, file inside it, name under checkpoints/) for e.g. 'pg2-3b-224'."""
     family, size, res = model.split("-")
     if family == "pg1":
         name = f"paligemma-{size}-pt-{res}"
@@ -74,7 +75,9 @@ def download_kaggle(model: str, out_dir: pathlib.Path) -> None:
     except ImportError as err:
         raise SystemExit('error: kagglehub is missing: pip install -e ".[download]"') from err
     handle, filename, target = kaggle_handle(model)
-    print(f"kagglehub: {handle} / {filename} (accept the licence at kaggle.com/models/google first)")
+    print(
+        f"kagglehub: {handle} / {filename} (accept the licence at kaggle.com/models/google first)"
+    )
     try:
         path = kagglehub.model_download(handle, filename)
     except Exception as err:  # kagglehub raises many types; all mean the same to the user
@@ -114,8 +117,12 @@ def download_hf(model: str, out_dir: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--model", default="pg1-3b-224", help="pg1-3b-{224,448,896}, pg2-{3b,10b,28b}-...")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="pg1-3b-224", help="pg1-3b-{224,448,896}, pg2-{3b,10b,28b}-..."
+    )
     parser.add_argument("--source", choices=["kaggle", "hf"], default="kaggle")
     parser.add_argument("--out", default="checkpoints", type=pathlib.Path)
     parser.add_argument(

@@ -45,7 +45,7 @@ def decoder(version: int, cfg: decode.DecodeConfig):
 @functools.cache
 def fake_grammar() -> grammar.GrammarTables:
     """A grammar over the tiny vocabulary: 128 loc bins at ids 10.., 16 segs at 140.., labels 200+."""
-    return grammar.Grammar.build(
+    return grammar.build(
         vocab_size=model_fixtures.TINY_VOCAB,
         loc_ids=np.arange(10, 138),
         seg_ids=np.arange(140, 156),

@@ -1,6 +1,7 @@
 """The decoding grammar on a fake vocabulary layout: what it allows, and that sampled outputs always parse."""
 
 import functools
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ WATER, SEMI, SPACE, OTHER_WORD = 5, 6, 7, 9
 def make_tables(
     mid=(WATER, SEMI, SPACE), end=(WATER,), max_objects=3, max_new_tokens=128, strict=True
 ):
-    return grammar.Grammar.build(
+    return grammar.build(
         vocab_size=VOCAB,
         loc_ids=LOC_IDS,
         seg_ids=SEG_IDS,
@@ -202,3 +203,25 @@ def test_split_suffix_tokens_reads_mid_and_end():
 def test_grammar_rejects_special_ids_in_label():
     with pytest.raises(ValueError, match="may not be"):
         make_tables(mid=(int(SEG_IDS[0]),))
+
+
+@pytest.mark.parametrize("label", ["water", "body of water"])
+def test_grammar_from_small_tokenizer_reads_label_and_separator(label):
+    from paligemma_seg import predict
+    from paligemma_seg.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(
+        pathlib.Path(__file__).parents[1] / "checkpoints" / "tokenizer_small.model"
+    )
+    suffix = predict.example_suffix(label)
+    mid, end = grammar.split_suffix_tokens(
+        tokenizer.encode(suffix), tokenizer.loc_ids, tokenizer.seg_ids
+    )
+    assert tokenizer.decode(end).strip() == label
+    assert tokenizer.decode(mid).split() == [*label.split(), ";"]
+    tables = grammar.from_suffix(
+        tokenizer, suffix, vocab_size=2304, max_objects=8, max_new_tokens=64
+    )
+    assert tables.vocab_size == 2304  # model rows beyond the tokenizer's are never allowed
+    assert int(tables.max_objects) == grammar.max_objects_in_budget(64, len(mid), len(end))
+    assert not np.asarray(tables.token_class)[tokenizer.vocab_size :].any()

@@ -7,6 +7,7 @@ and constrained decoding that always decodes to valid masks (vs. without the gra
 import functools
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -14,7 +15,8 @@ import pytest
 import train_fixtures
 from PIL import Image
 
-from paligemma_seg import predict, weights
+from paligemma_seg import experiment, predict, weights
+from paligemma_seg.model import param_shapes
 from paligemma_seg.segtokens import vqvae
 
 WATER_IMAGES = (
@@ -25,11 +27,34 @@ WATER_IMAGES = (
 
 
 def write_random_vqvae(path: pathlib.Path) -> pathlib.Path:
-    """A random VQ-VAE in vae-oid's format (tests must not depend on the shipped weights)."""
+    """A random VQ-VAE in vae-oid's format (tests must not depend on the shipped weights).
+
+    Drawn with numpy: eager JAX initialisation takes many seconds on a busy CPU."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        vqvae.save(vqvae.init_params(jax.random.PRNGKey(0)), path)
+        rng = np.random.default_rng(0)
+        arrays = {
+            key: (rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]) or 1)).astype(np.float32)
+            for key, shape in vqvae.expected_shapes().items()
+        }
+        np.savez(path, **arrays)
     return path
+
+
+def write_random_weights(config, path: pathlib.Path) -> pathlib.Path:
+    """Random parameters of `config` as a big_vision .npz, drawn with numpy (no init compile)."""
+    rng = np.random.default_rng(0)
+
+    def draw(key_path, leaf):
+        name = jax.tree_util.keystr(key_path)
+        if len(leaf.shape) >= 2:
+            return rng.normal(size=leaf.shape) / np.sqrt(leaf.shape[-2])
+        base = 1.0 if "img" in name and "scale" in name else 0.0  # LayerNorm scales multiply
+        return base + 0.1 * rng.normal(size=leaf.shape)
+
+    params = jax.tree_util.tree_map_with_path(draw, param_shapes(config))
+    params = jax.tree_util.tree_map(lambda x: x.astype(np.float32), params)
+    return weights.save_npz(params, path)
 
 
 def inference_config(root: pathlib.Path, **extra):
@@ -47,10 +72,11 @@ def inference_config(root: pathlib.Path, **extra):
 
 @functools.cache
 def tiny_model(root: pathlib.Path):
-    """(cfg, model, params, weights.npz) with random weights, built once per session."""
+    """(cfg, model, params, weights .npz) with random weights, built once per session."""
     cfg = inference_config(root)
-    model, params, _ = predict.load_model(cfg)
-    return cfg, model, params, weights.save_npz(params, root / "random_weights.npz")
+    npz = write_random_weights(experiment.model_config(cfg), root / "random_weights.npz")
+    model, params, _ = predict.load_model(cfg, str(npz))
+    return cfg, model, params, npz
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +177,50 @@ def test_params_source_order(tmp_path):
     assert predict.params_source(cfg, str(tmp_path), None) == str(tmp_path)
     with pytest.raises(ValueError, match="not found"):
         predict.params_source(cfg, str(tmp_path / "missing"), None)
+
+
+SHARDED_SCRIPT = """
+import json, pathlib, sys
+sys.path.insert(0, "tests")
+import jax, numpy as np
+import test_predict as tp
+from paligemma_seg import predict
+
+cfg, model, params, _ = tp.tiny_model(pathlib.Path(sys.argv[1]))
+specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(params)}
+images = tp.random_images(6)
+with jax.set_mesh(predict._mesh_of(params)):
+    sharded = predict.Segmenter(cfg, model, params).predict_images(images, "segment water")
+local = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), params)
+single = predict.Segmenter(cfg, model, local).predict_images(images, "segment water")
+print(json.dumps({"devices": jax.device_count(), "fsdp": any("fsdp" in s for s in specs),
+                  "sharded": [p.text for p in sharded], "single": [p.text for p in single]}))
+"""
+
+
+def test_segmenter_on_two_devices_fsdp_equals_one_device(tmp_path):
+    """Parameters split over a 2-device fsdp mesh as training splits them, the batch over both."""
+    env = train_fixtures.subprocess_env(devices=2)
+    result = train_fixtures.run_cli([sys.executable, "-c", SHARDED_SCRIPT, str(tmp_path)], env)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["devices"] == 2 and report["fsdp"]
+    assert report["sharded"] == report["single"]
+
+
+def test_overlay_blends_mask_and_outlines_boxes():
+    from paligemma_seg import visualize
+
+    image = np.full((40, 60, 3), 100, np.uint8)
+    mask = np.zeros((40, 60), bool)
+    mask[5:15, 10:30] = True
+    picture = np.asarray(visualize.overlay(image, mask, [(20, 30, 35, 55)], alpha=0.5))
+    expected = np.round(0.5 * 100 + 0.5 * np.asarray(visualize.PRED_COLOR)).astype(np.uint8)
+    np.testing.assert_array_equal(picture[10, 20], expected)  # inside the mask
+    np.testing.assert_array_equal(picture[2, 2], [100, 100, 100])  # outside: unchanged
+    np.testing.assert_array_equal(picture[20, 40], visualize.BOX_COLOR)  # the box's top edge
+    np.testing.assert_array_equal(picture[27, 40], [100, 100, 100])  # inside the box, no mask
+    with pytest.raises(ValueError, match="differs from image size"):
+        visualize.overlay(image, mask[:, :10])
+    row = visualize.SheetRow(image, mask, mask, caption="x")
+    sheet = visualize.contact_sheet([row, row], cell=64)
+    assert sheet.size[0] == 3 * 64 + 4 * 6 and sheet.size[1] > 2 * 64

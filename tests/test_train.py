@@ -77,11 +77,13 @@ def test_next_token_loss_ignores_unsupervised_targets():
     assert next_token_loss(logits, changed, mask_loss)[0] != base[0]
     # Position t predicts token t + 1: the loss is -log softmax(logits[t])[text[t + 1]].
     log_probs = jax.nn.log_softmax(logits, -1)
-    expected = -sum(float(log_probs[b, t - 1, text[b, t]]) for b, t in zip(*np.nonzero(mask_loss)))
+    expected = -sum(
+        float(log_probs[b, t - 1, text[b, t]]) for b, t in zip(*np.nonzero(mask_loss), strict=True)
+    )
     np.testing.assert_allclose(float(base[0]), expected, rtol=1e-5)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tiny_step(trainable: str, grad_accum: int):
     """(jitted train step, initial state, batch of 4, mask) for the tiny model with SGD + momentum."""
     config = tiny_config(1)
@@ -139,16 +141,20 @@ def test_optimizers_minimise_a_quadratic(name):
     cfg = optim.OptimConfig(name=name, lr=0.05, momentum=0.5, warmup_steps=2, weight_decay=1e-4)
     tx, _ = optim.make_optimizer(cfg, total_steps=100)
     target = {"w": jnp.arange(12.0).reshape(3, 4) / 12, "scale": jnp.ones(4)}
-    params = jax.tree_util.tree_map(jnp.zeros_like, target)
+    params = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), target)
     loss = lambda p: sum(
         jnp.sum((a - b) ** 2)
-        for a, b in zip(jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(target))
+        for a, b in zip(
+            jax.tree_util.tree_leaves(p), jax.tree_util.tree_leaves(target), strict=True
+        )
     )
     state = tx.init(params)
     for _ in range(30):
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         params = optax.apply_updates(params, updates)
-    assert float(loss(params)) < 0.5 * float(loss(jax.tree_util.tree_map(jnp.zeros_like, target)))
+    assert float(loss(params)) < 0.5 * float(
+        loss(jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), target))
+    )
 
 
 def test_schedule_warmup_then_decay():
@@ -286,3 +292,26 @@ def test_cli_missing_init_is_one_clear_line(tmp_path):
     )
     assert result.returncode == 1
     assert "initial weights not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_train_run_water_224_recipe_bf16_with_frozen_bf16_weights(tmp_path_factory):
+    """The real recipe on the tiny model: attn-only SGD, bf16 compute, f32 master copies of the
+    trained weights, frozen weights stored in bf16 (also in the exported npz)."""
+    from train_fixtures import reference_data, tiny_config
+
+    from paligemma_seg import train_loop
+
+    base = tmp_path_factory.getbasetemp()
+    workdir = tmp_path_factory.mktemp("bf16_recipe")
+    cfg = tiny_config(
+        reference_data(base), total_steps=2, ckpt_steps=0, **{
+            "model.overrides.dtype": "bfloat16", "optim.trainable": "attn",
+            "optim.frozen_dtype": "bfloat16", "optim.lr": 0.003, "optim.momentum": 0.0,
+        },
+    )  # fmt: skip
+    result = train_loop.run(cfg, str(workdir))
+    assert np.isfinite(result["loss"]) and result["step"] == 2
+    params = read_params(workdir)
+    for key, value in params.items():  # numpy reads bfloat16 back as 2-byte void ("|V2")
+        expected = ("float32",) if key.startswith("llm/layers/attn/") else ("bfloat16", "|V2")
+        assert str(value.dtype) in expected, (key, value.dtype)

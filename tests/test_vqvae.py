@@ -207,3 +207,33 @@ def test_vqvae_batches_are_padded_consistently(torch_checkpoint):
     assert model.decode(np.zeros((0, 16), np.int32)).shape == (0, 64, 64, 1)
     with pytest.raises(ValueError, match="float\\[B, 64, 64, 1\\]"):
         model.encode(np.zeros((2, 32, 32, 1)))
+
+
+@pytest.mark.slow  # compiles the training step: about 25 s of CPU
+def test_train_step_updates_params_and_codebook_and_restarts_dead_codes():
+    from paligemma_seg.segtokens import train_vqvae
+
+    cfg = train_vqvae.TrainConfig(steps=10, batch_size=4, warmup_steps=1)
+    tx = train_vqvae.make_optimizer(cfg)
+    state = train_vqvae.init_state(cfg, tx)
+    before = {k: np.asarray(v) for k, v in state.params.items()}
+    codebook_before = np.asarray(state.codebook)
+    step = train_vqvae.make_train_step(cfg, tx)
+    masks = _masks(4, seed=5)
+    state, metrics = step(state, masks)
+    state, metrics = step(state, masks)
+    assert np.isfinite(float(metrics["loss"])) and int(state.step) == 2
+    assert float(np.asarray(metrics["counts"]).sum()) == 4 * 16
+    assert not np.allclose(before["dec_up3/kernel"], np.asarray(state.params["dec_up3/kernel"]))
+    used = np.flatnonzero(np.asarray(metrics["counts"]))
+    assert not np.allclose(
+        codebook_before[used], np.asarray(state.codebook)[used]
+    )  # EMA moved them
+    dead = np.setdiff1d(np.arange(128), used)[:5]
+    restarted = train_vqvae.restart_dead_codes(
+        state, dead, state.params, masks, np.random.default_rng(0)
+    )
+    features = np.asarray(vqvae.encoder(state.params, masks)).reshape(-1, 512)
+    for code in dead:  # each restarted code sits next to one of the batch's encoder outputs
+        distances = np.abs(features - np.asarray(restarted.codebook)[code]).max(-1)
+        assert distances.min() < 1e-2 * np.abs(features).max()

@@ -67,6 +67,10 @@ def overrides(jsonl_dir: pathlib.Path, **extra: Any) -> dict[str, Any]:
         "data.synthetic.num_images": 0,
         "data.num_parallel_calls": 1,
         "optim.warmup_steps": 2,
+        # SGD: Adam would turn gradients that are pure rounding noise (e.g. SigLIP's key bias, which
+        # softmax ignores) into full-size steps, and 8-device vs 1-device runs could not be compared.
+        "optim.name": "sgd",
+        "optim.lr": 0.1,
     }
     return {**tiny, **extra}
 

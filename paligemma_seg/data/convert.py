@@ -3,319 +3,188 @@
     python -m paligemma_seg.data.convert --images DIR --masks DIR --out DIR \\
         [--split train=train_images.txt --split test=test_images.txt] [--prefix "segment water"]
 
-Owns pairing, split lists, checks and the output files; masks become suffixes through
-`segtokens.codec`, files are read by `data.images`. A mask has its image's name (`masks/x.jpg`) or
-stem (`masks/x.png`). JSONL lines are `{"image", "prefix", "suffix", "mask"}`, paths relative to the
-JSONL's folder (or absolute with `absolute_paths`). Images a plain decoder would misread (CMYK,
-alpha, 16-bit, PNG data in a `.jpg`, other formats) are saved as RGB PNGs in `converted_images/`
-and the JSONL points there; masks are referenced as they are (read them with `images.read_mask`).
+Owns the VQ-VAE encoding, the ceiling IoU and the output files; pairing, split lists, reading and
+checks are `data.pairs` (run in worker processes), masks become suffixes through
+`segtokens.codec`. JSONL lines are `{"image", "prefix", "suffix", "mask"}`, paths relative to the
+JSONL's folder (or absolute with `absolute_paths`); odd images point to plain RGB copies in
+`converted_images/`, masks are referenced as they are (read them with `images.read_mask`).
 
-Bad pairs (missing or unreadable files, size mismatch) are reported with the reason and left out;
-suspicious masks (all or almost all water, not binary) are flagged and left out unless
-`keep_suspicious`; empty masks are negatives and kept. Worker processes read, check and crop; the
-parent encodes crops with the VQ-VAE in batches. Output is the same for any worker count and appears
-only at the end: it is staged in a temporary folder, then renamed (report.json last).
+Bad pairs are reported with the reason and left out; suspicious masks are flagged and left out
+unless `keep_suspicious`; empty masks are negatives and kept (see `data.pairs`). Workers read, check
+and crop while the parent encodes crops with the VQ-VAE in batches of exactly ENCODE_BATCH (one
+compiled shape), and decodes each distinct code once for the ceiling. Output is the same for any
+worker count and appears only at the end: it is staged in a temporary folder, then renamed
+(report.json last).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
-import functools
 import json
-import multiprocessing
 import os
 import pathlib
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from paligemma_seg.data import images as image_io
+from paligemma_seg.data.pairs import (
+    Listing,
+    Pair,
+    PathLike,
+    Prepared,
+    find_pairs,
+    prepared_stream,
+    read_split_file,
+    start_workers_early,
+)
+
+__all__ = [  # pairing lives in data.pairs; re-exported for callers of this module
+    "Listing",
+    "Pair",
+    "convert",
+    "find_pairs",
+    "load_codec",
+    "main",
+    "read_split_file",
+    "start_workers_early",
+]
 
 DEFAULT_CODEC = "checkpoints/vqvae_small.npz"
 DEFAULT_PREFIX = "segment water"
 CONVERTED_DIR = "converted_images"
-SUSPICIOUS_FRACTION = 0.98  # masks with at least this water fraction are flagged
-NOT_BINARY_FRACTION = 0.10  # masks with more mid-grey (64..191) pixels than this are flagged
-ENCODE_BATCH = 128  # crops per VQ-VAE call (the VQ-VAE's largest compiled batch)
-PathLike = str | os.PathLike
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """An image to convert (absolute paths) and a problem already known (missing files)."""
-
-    name: str
-    split: str
-    image: str
-    mask: str | None
-    problem: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Listing:
-    """What `find_pairs` found: pairs in output order, ignored files, images in no split."""
-
-    pairs: list[Pair]
-    ignored: list[dict[str, str]]
-    unlisted: int
-
-
-# ----------------------------------------------------------------------------------------- pairing
-
-
-def read_split_file(path: PathLike) -> list[tuple[str, int]]:
-    """(name, line number) for each non-empty line of a split list that is not a `#` comment."""
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"split list {path} not found; give --split NAME=LIST_FILE an existing file."
-        )
-    lines = pathlib.Path(path).read_text().splitlines()
-    return [(s.strip(), i) for i, s in enumerate(lines, 1) if s.strip() and not s.startswith("#")]
-
-
-def _folder(path: PathLike, flag: str) -> pathlib.Path:
-    folder = pathlib.Path(path).resolve()
-    if not folder.is_dir():
-        raise ValueError(f"{flag} {path}: no such folder; pass the folder that holds the files.")
-    return folder
-
-
-def _members(names: list[str], splits: Mapping[str, PathLike] | None) -> list[tuple]:
-    """[(split, image name or None, as listed, "file:line")] in output order."""
-    if not splits:
-        return [("all", name, name, "") for name in names]
-    by_stem, known = {os.path.splitext(n)[0]: n for n in names}, set(names)
-    seen: dict[str, str] = {}
-    members = []
-    for split, list_file in splits.items():
-        for listed, line in read_split_file(list_file):
-            base = pathlib.PurePath(listed).name  # a list may hold "images/x.jpg"
-            name = base if base in known else by_stem.get(base)
-            where = f"{list_file}:{line}"
-            if name in seen:
-                raise ValueError(
-                    f"{where}: {name} is already listed at {seen[name]}; an image may appear once, "
-                    "in one split. Remove one of the two lines."
-                )
-            if name is not None:
-                seen[name] = where
-            members.append((split, name, listed, where))
-    return members
-
-
-def find_pairs(
-    images: PathLike, masks: PathLike, splits: Mapping[str, PathLike] | None = None
-) -> Listing:
-    """Pairs every listed image (every image without `splits`) with its mask."""
-    images_dir, masks_dir = _folder(images, "--images"), _folder(masks, "--masks")
-    files = sorted(p.name for p in images_dir.iterdir() if not p.name.startswith(".convert-"))
-    names = [n for n in files if image_io.is_image_file(n)]
-    ignored = [
-        {"file": str(images_dir / n), "reason": "not an image file"}
-        for n in files
-        if not image_io.is_image_file(n)
-    ]
-    masks_by_stem: dict[str, list[str]] = collections.defaultdict(list)
-    for mask in sorted(p.name for p in masks_dir.iterdir() if image_io.is_image_file(p.name)):
-        masks_by_stem[os.path.splitext(mask)[0]].append(mask)
-    stems = {os.path.splitext(n)[0] for n in names}
-    ignored += [
-        {"file": str(masks_dir / m), "reason": "mask without an image"}
-        for stem, found in masks_by_stem.items()
-        if stem not in stems
-        for m in found
-    ]
-    members = _members(names, splits)
-    pairs = []
-    for split, name, listed, where in members:
-        if name is None:
-            problem = f"missing image: {listed} is listed at {where} but not in {images_dir}"
-            pairs.append(Pair(listed, split, str(images_dir / listed), None, problem))
-            continue
-        stem = os.path.splitext(name)[0]
-        candidates = masks_by_stem.get(stem, [])
-        mask = name if name in candidates else next(iter(candidates), None)
-        problem = None if mask else f"missing mask: no {stem}.* in {masks_dir}"
-        pairs.append(
-            Pair(name, split, str(images_dir / name), mask and str(masks_dir / mask), problem)
-        )
-    listed_names = {m[1] for m in members}
-    return Listing(pairs, ignored, sum(n not in listed_names for n in names))
-
-
-# ----------------------------------------------------------------------------------------- workers
-
-
-@dataclasses.dataclass
-class _Prepared:
-    """A worker's findings: a problem, or what the parent needs to encode the mask."""
-
-    pair: Pair
-    problem: str | None = None
-    suspicious: str | None = None
-    notes: tuple[str, ...] = ()
-    size: tuple[int, int] = (0, 0)
-    water_fraction: float | None = None
-    objects: Any = None  # segtokens.codec.Objects
-    reference_bits: np.ndarray | None = None  # np.packbits of the ground-truth mask
-    image_path: str | None = None  # what the JSONL points to
-
-    @property
-    def num_objects(self) -> int:
-        return 0 if self.problem or self.objects is None else len(self.objects.boxes)
-
-
-def _suspicion(grey: np.ndarray, water_fraction: float) -> str | None:
-    if water_fraction >= 1.0:
-        return "all water"
-    if water_fraction >= SUSPICIOUS_FRACTION:
-        return f"almost all water ({water_fraction:.1%})"
-    mid_grey = float(((grey >= 64) & (grey < 192)).mean())
-    if mid_grey > NOT_BINARY_FRACTION:
-        return f"not a binary mask ({mid_grey:.0%} mid-grey pixels; is it an image?)"
-    return None
-
-
-def _read(pair: Pair) -> tuple[Any, Any, str | None]:
-    """(image, mask, problem): every read failure becomes a problem, never an exception."""
-    try:
-        image = image_io.inspect_image(pair.image)
-    except Exception as error:  # corrupt files raise many kinds of errors: report, never crash
-        return None, None, f"unreadable image: {error}"
-    try:
-        mask = image_io.read_mask(pair.mask)
-    except Exception as error:
-        return image, None, f"unreadable mask: {error}"
-    if (image.height, image.width) != (mask.height, mask.width):
-        size = f"image {image.height}x{image.width} (HxW), mask {mask.height}x{mask.width}"
-        return image, mask, f"size mismatch: {size}"
-    return image, mask, None
-
-
-def _prepare(pair: Pair, config: Any, staging: str, final: str, keep_suspicious: bool) -> _Prepared:
-    """Reads and checks one pair, cuts its mask into objects (CodecConfig `config`) and saves a
-    plain copy of an odd image in `staging` (which becomes `final` at the end)."""
-    from paligemma_seg.segtokens import codec  # here, not at the top: the parent may not need it
-
-    if pair.problem:
-        return _Prepared(pair, problem=pair.problem)
-    image, mask, problem = _read(pair)
-    notes = [f"image: {n}" for n in (image.notes if image else ())]
-    notes += [f"mask: {n}" for n in (mask.notes if mask else ())]
-    if problem:
-        return _Prepared(pair, problem=problem, notes=tuple(notes))
-    reference = codec.reference_mask(mask.pixels, config.threshold)
-    fraction = float(reference.mean())
-    suspicious = _suspicion(mask.pixels, fraction)
-    prepared = _Prepared(pair, None, suspicious, tuple(notes), reference.shape, fraction)
-    if suspicious and not keep_suspicious:
-        prepared.problem = f"suspicious mask: {suspicious} (keep such masks with --keep-suspicious)"
-        return prepared
-    prepared.objects = codec.to_objects(mask.pixels, config)
-    prepared.reference_bits = np.packbits(reference)
-    prepared.image_path = pair.image
-    if not image_io.is_plain(image, pair.image):
-        pixels = image_io.read_image(pair.image).pixels
-        Image.fromarray(pixels).save(os.path.join(staging, pair.name + ".png"))
-        prepared.image_path = os.path.join(final, pair.name + ".png")
-    return prepared
-
-
-@contextlib.contextmanager
-def _ordered_map(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
-    """map() in input order: in-process for one worker, else over worker processes."""
-    if workers <= 1:
-        yield map
-        return
-    from concurrent.futures import ProcessPoolExecutor
-
-    # Not fork: the parent runs JAX threads. A fork server imports the worker code once.
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    context = multiprocessing.get_context(method)
-    if method == "forkserver":
-        context.set_forkserver_preload([__name__, "paligemma_seg.segtokens.codec"])
-    with ProcessPoolExecutor(workers, mp_context=context) as executor:
-
-        def ordered(fn: Callable, items: Iterable) -> Iterator:
-            pending: collections.deque = collections.deque()
-            for item in items:
-                pending.append(executor.submit(fn, item))
-                if len(pending) >= 8 * workers:  # bounds the finished results held in memory
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-
-        yield ordered
+ENCODE_BATCH = 128  # rows per VQ-VAE call, always (the VQ-VAE's largest compiled batch)
 
 
 # ------------------------------------------------------------------------------------------ parent
 
 
-class _Precomputed:
-    """Stands in for the VQ-VAE inside `MaskCodec.decode`: logits decoded earlier in one batch."""
+class _Logits:
+    """Stands in for the VQ-VAE inside `MaskCodec.decode`: logits of codes decoded earlier.
 
-    def __init__(self, codes: np.ndarray, logits: np.ndarray):
-        self._logits = {c.tobytes(): x for c, x in zip(codes.astype(np.int32), logits, strict=True)}
+    Each distinct code sequence is decoded once (small parts often share one), in batches of
+    exactly ENCODE_BATCH rows: the VQ-VAE's output for a row does not depend on its batch's other
+    rows (for batches of 8 or more), and one batch shape means one JIT compilation."""
+
+    def __init__(self, vqvae: Any):
+        self.vqvae = vqvae
+        self.cache: dict[bytes, np.ndarray] = {}  # decoded
+        self.queued: dict[bytes, np.ndarray] = {}  # to decode
+
+    def request(self, keys: list[bytes], codes: np.ndarray) -> None:
+        for key, row in zip(keys, codes, strict=True):
+            if key not in self.cache:
+                self.queued.setdefault(key, row)
+        while len(self.queued) >= ENCODE_BATCH:
+            self._decode()
+
+    def flush(self) -> None:
+        while self.queued:
+            self._decode()
+
+    def _decode(self) -> None:
+        keys = list(self.queued)[:ENCODE_BATCH]
+        logits = _padded(self.vqvae.decode, np.stack([self.queued.pop(k) for k in keys]))
+        self.cache.update(zip(keys, logits, strict=True))
+
+    def forget_all_but(self, keep: Iterable[bytes]) -> None:
+        """Bounds the cache (16 KiB a code): keeps only the logits still needed."""
+        if len(self.cache) > 8 * ENCODE_BATCH:
+            self.cache = {k: self.cache[k] for k in keep if k in self.cache}
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        return np.stack([self._logits[np.asarray(c, np.int32).tobytes()] for c in codes])
+        return np.stack([self.cache[np.asarray(c, np.int32).tobytes()] for c in codes])
 
 
-def _batches(prepared: Iterable[_Prepared], size: int) -> Iterator[list[_Prepared]]:
-    """Consecutive groups holding at least `size` crops (the last may hold fewer)."""
-    batch, crops = [], 0
-    for item in prepared:
-        batch.append(item)
-        crops += item.num_objects
-        if crops >= size:
-            yield batch
-            batch, crops = [], 0
-    if batch:
-        yield batch
+def _padded(fn: Any, rows: np.ndarray) -> np.ndarray:
+    """fn(rows) run on exactly ENCODE_BATCH rows (zeros appended; their outputs dropped)."""
+    count, padding = len(rows), np.zeros((ENCODE_BATCH - len(rows), *rows.shape[1:]), rows.dtype)
+    return fn(np.concatenate([rows, padding]) if len(padding) else rows)[:count]
 
 
-def _encode_batch(batch: list[_Prepared], mask_codec: Any, ceiling: bool) -> list[tuple]:
-    """(prepared, suffix, ceiling IoU) per item; one VQ-VAE encode (and decode) for the batch."""
-    from paligemma_seg.segtokens import codec
+class _Encoder:
+    """The parent's VQ-VAE work, streamed: crops are encoded in batches of exactly ENCODE_BATCH,
+    codes decoded for the ceiling likewise; `run` yields (prepared, suffix, ceiling IoU or None)
+    in input order, each as soon as its codes (and logits) are known."""
 
-    config = mask_codec.config
-    kept = [p for p in batch if p.num_objects]
-    codes = mask_codec.vqvae.encode(np.concatenate([p.objects.crops for p in kept])) if kept else []
-    decoder = None
-    if ceiling and kept:
-        logits = mask_codec.vqvae.decode(codes)
-        decoder = codec.MaskCodec(_Precomputed(codes, logits), config)
-    results, start = [], 0
-    for p in batch:
+    def __init__(self, mask_codec: Any, ceiling: bool):
+        from paligemma_seg.segtokens import codec
+
+        self.codec, self.config, self.vqvae = codec, mask_codec.config, mask_codec.vqvae
+        self.logits = _Logits(mask_codec.vqvae) if ceiling else None
+        self.decoder = codec.MaskCodec(self.logits, self.config) if ceiling else None
+        self.waiting: collections.deque[Prepared] = collections.deque()  # not yet encoded
+        self.crops: list[np.ndarray] = []  # their crops, in order
+        self.queued = 0  # rows in self.crops
+        self.codes = np.zeros((0, 16), np.int32)  # encoded rows not yet given to a pair
+        self.encoded: collections.deque[tuple] = collections.deque()  # (prepared, codes, keys)
+
+    def run(self, prepared: Iterable[Prepared]) -> Iterator[tuple]:
+        for item in prepared:
+            self.waiting.append(item)
+            if item.num_objects:
+                self.crops.append(item.objects.crops)
+                self.queued += item.num_objects
+            while self.queued >= ENCODE_BATCH:
+                self._encode()
+            yield from self._ready()
+        while self.queued:
+            self._encode()
+        if self.logits is not None:
+            self.logits.flush()
+        yield from self._ready()
+
+    def _encode(self) -> None:
+        crops = np.concatenate(self.crops) if len(self.crops) > 1 else self.crops[0]
+        count = min(ENCODE_BATCH, len(crops))
+        self.crops, self.queued = [crops[count:]], self.queued - count
+        self.codes = np.concatenate([self.codes, _padded(self.vqvae.encode, crops[:count])])
+        while self.waiting and self.waiting[0].num_objects <= len(self.codes):
+            p = self.waiting.popleft()
+            own, self.codes = self.codes[: p.num_objects], self.codes[p.num_objects :]
+            keys = [row.tobytes() for row in own.astype(np.int32)]
+            if self.logits is not None:
+                self.logits.request(keys, own)
+            self.encoded.append((p, own, keys))
+
+    def _ready(self) -> Iterator[tuple]:
+        """Pairs at the front whose codes (and, for the ceiling, logits) are all known."""
+        while self.waiting and self.waiting[0].num_objects == 0:  # nothing to encode
+            self.encoded.append((self.waiting.popleft(), self.codes[:0], []))
+        while self.encoded:
+            p, codes, keys = self.encoded[0]
+            if self.logits is not None and not all(k in self.logits.cache for k in keys):
+                break
+            self.encoded.popleft()
+            yield self._result(p, codes)
+        if self.logits is not None:
+            self.logits.forget_all_but(k for _, _, keys in self.encoded for k in keys)
+
+    def _result(self, p: Prepared, codes: np.ndarray) -> tuple:
         if p.problem:
-            results.append((p, None, None))
-            continue
+            return p, None, None
+        codec, config = self.codec, self.config
         height, width = p.size
-        own, start = codes[start : start + p.num_objects], start + p.num_objects
         locs = codec.box_to_locs(p.objects.boxes, height, width, config.loc_rounding)
         objects = [
-            codec.format_object(loc, c, config.label) for loc, c in zip(locs, own, strict=True)
+            codec.format_object(loc, c, config.label) for loc, c in zip(locs, codes, strict=True)
         ]
         suffix, iou = codec.join_objects(objects), None
-        if ceiling:
+        if self.decoder is not None:
             reference = np.unpackbits(p.reference_bits, count=height * width).reshape(p.size)
             empty = np.zeros(p.size, bool)
-            decoded = decoder.decode(suffix, height, width).mask if p.num_objects else empty
+            decoded = self.decoder.decode(suffix, height, width).mask if p.num_objects else empty
             iou = codec.iou(decoded, reference.astype(bool))
-        results.append((p, suffix, iou))
-    return results
+        return p, suffix, iou
 
 
-def _entry(p: _Prepared, iou: float | None) -> dict[str, Any]:
+def _entry(p: Prepared, iou: float | None) -> dict[str, Any]:
     return {
         "image": p.pair.name,
         "split": p.pair.split,
@@ -429,30 +298,30 @@ def convert(
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir))
     try:
         (staging / CONVERTED_DIR).mkdir()
-        prepare = functools.partial(
-            _prepare,
-            config=mask_codec.config,
-            staging=str(staging / CONVERTED_DIR),
-            final=str(out_dir / CONVERTED_DIR),
-            keep_suspicious=keep_suspicious,
-        )
+        settings_for_workers = {
+            "config": mask_codec.config,
+            "staging": str(staging / CONVERTED_DIR),
+            "final": str(out_dir / CONVERTED_DIR),
+            "keep_suspicious": keep_suspicious,
+            "ceiling": ceiling,
+        }
         entries, lines = [], collections.defaultdict(list)
-        with _ordered_map(workers) as ordered_map:
-            prepared = tqdm(
-                ordered_map(prepare, listing.pairs),
+        encoder = _Encoder(mask_codec, ceiling)
+        with prepared_stream(workers, listing.pairs, **settings_for_workers) as prepared:
+            progress_bar = tqdm(
+                prepared,
                 total=len(listing.pairs),
                 unit="pair",
                 desc="converting",
                 disable=not progress,
                 leave=False,
             )
-            for batch in _batches(prepared, ENCODE_BATCH):
-                for p, suffix, iou in _encode_batch(batch, mask_codec, ceiling):
-                    entries.append(_entry(p, iou))
-                    if p.problem is None:
-                        lines[p.pair.split].append(
-                            _jsonl_line(p, prefix, suffix, out_dir, absolute_paths)
-                        )
+            for p, suffix, iou in encoder.run(progress_bar):
+                entries.append(_entry(p, iou))
+                if p.problem is None:
+                    lines[p.pair.split].append(
+                        _jsonl_line(p, prefix, suffix, out_dir, absolute_paths)
+                    )
         split_names = list(splits) if splits else ["all"]
         settings = {
             "images": str(pathlib.Path(images).resolve()),
@@ -472,7 +341,7 @@ def convert(
 
 
 def _jsonl_line(
-    p: _Prepared, prefix: str, suffix: str, out_dir: pathlib.Path, absolute: bool
+    p: Prepared, prefix: str, suffix: str, out_dir: pathlib.Path, absolute: bool
 ) -> str:
     def where(path: str) -> str:
         return path if absolute else os.path.relpath(path, out_dir)
@@ -535,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("threshold", "max_objects"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    start_workers_early()  # its imports overlap load_codec's
     try:
         report = convert(
             args.images,

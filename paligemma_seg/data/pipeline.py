@@ -6,10 +6,11 @@ Batch contract (numpy per process; `to_global` makes global jax arrays over the 
   mask_ar     int32[B, T] 0 = full attention (prefix), 1 = causal (suffix, padding)
   mask_loss   int32[B, T] 1 on suffix + EOS (the supervised tokens)
   mask_input  int32[B, T] 1 = real token, 0 = padding
-Order: each epoch is a permutation of all examples seeded by (seed, epoch); global batch s holds positions
-[s*B, (s+1)*B) of the concatenated epochs. The order therefore depends on neither the number of hosts nor
-where a run was restarted: resuming at step s continues with batch s. Each process decodes only the rows of
-the global batch that its devices hold. TensorFlow is kept off GPUs/TPUs (it is used for input only).
+Order: each epoch is a permutation of all examples seeded by (seed, epoch); global batch s holds
+positions [s*B, (s+1)*B) of the concatenated epochs. The order therefore depends on neither the
+number of hosts nor where a run was restarted: resuming at step s continues with batch s. Each
+process decodes only the rows of the global batch that its devices hold. TensorFlow is kept off
+GPUs/TPUs (it is used for input only).
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class TokenTable:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Examples of a convert-CLI JSONL file; a bad line or a missing image names the file and line."""
+    """Examples of a convert-CLI JSONL file; a bad line or missing image names the file and line."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"JSONL file {path} not found; {_HOW_TO_MAKE}.")
@@ -128,7 +129,7 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, seq_len: int) -> Token
 
 
 def preprocess_image(data: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded image bytes -> float32[size, size, 3] in [-1, 1] (bilinear, as big_vision's `resize`)."""
+    """Encoded image bytes -> float32[size, size, 3] in [-1, 1] (bilinear: big_vision's resize)."""
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
     image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
     return image / 127.5 - 1.0
@@ -149,7 +150,7 @@ def _epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.
 def example_indices(
     num_examples: int, seed: int, shuffle: bool, start: int, count: int
 ) -> np.ndarray:
-    """Example indices at positions [start, start + count) of the endless per-epoch-shuffled stream."""
+    """Example indices at positions [start, start + count) of the endless per-epoch stream."""
     positions = np.arange(start, start + count)
     out = np.empty(count, np.int64)
     for epoch in np.unique(positions // num_examples):
@@ -189,7 +190,8 @@ def train_batches(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Endless local batches: rows `rows` of global batches start_step, start_step + 1, ...
 
-    `batch_size` is the global batch; `rows` (from `sharding.local_batch_rows`) the slice this process feeds.
+    `batch_size` is the global batch; `rows` (`sharding.local_batch_rows`) the rows this process
+    feeds.
     """
     local = rows.stop - rows.start
 
@@ -216,7 +218,7 @@ def eval_batches(
     num_parallel_calls: int = 4,
 ) -> Iterator[dict[str, np.ndarray]]:
     """One pass in file order; the last global batch is padded with copies of example 0 whose
-    `mask_loss` is 0, so every process sees the same number of full batches and padding scores nothing."""
+    `mask_loss` is 0: every process sees the same number of full batches, padding scores nothing."""
     count = len(table) if max_examples <= 0 else min(max_examples, len(table))
     num_batches = -(-count // batch_size)
     positions = np.concatenate(
@@ -238,10 +240,15 @@ def eval_batches(
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: Any, batch_size: int) -> dict[str, Any]:
-    """Process-local rows -> global jax arrays of `batch_size` rows laid out by `sharding`."""
-    return {
-        key: jax.make_array_from_process_local_data(
-            sharding, batch[key], (batch_size, *batch[key].shape[1:])
-        )
-        for key in BATCH_KEYS
-    }
+    """Process-local rows -> global jax arrays of `batch_size` rows laid out by `sharding`.
+
+    An intended host-to-device copy: allowed even under `jax.transfer_guard("disallow")`
+    (multi-process JAX performs it as a batched device_put, which the guard counts as implicit).
+    """
+    with jax.transfer_guard_host_to_device("allow"):
+        return {
+            key: jax.make_array_from_process_local_data(
+                sharding, batch[key], (batch_size, *batch[key].shape[1:])
+            )
+            for key in BATCH_KEYS
+        }

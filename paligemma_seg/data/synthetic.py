@@ -143,7 +143,7 @@ def _shore(rng: np.random.Generator, size: int, amplitude: float) -> np.ndarray:
     """Zero-centred shoreline displacement: large bays and capes plus a little fine detail."""
     bays = fractal_noise(rng, size, rng.uniform(2.8, 3.4)) - 0.5
     detail = fractal_noise(rng, size, 2.0) - 0.5
-    return amplitude * bays + rng.uniform(0.0, 0.15) * detail
+    return amplitude * bays + rng.uniform(0.0, 0.08) * detail
 
 
 def _lakes(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -167,7 +167,8 @@ def _river(rng: np.random.Generator, size: int) -> np.ndarray:
         centre = centre + rng.uniform(0.0, 0.12) / frequency * np.sin(
             2 * np.pi * frequency * u + rng.uniform(0, 2 * np.pi)
         )
-    half_width = rng.uniform(0.8, max(1.0, 0.07 * size)) / size
+    # At least ~6% of the side wide: thinner rivers are below what 16 mask tokens can draw.
+    half_width = rng.uniform(max(0.8, 0.03 * size), max(1.0, 0.08 * size)) / size
     half_width = half_width * (1 + 0.3 * np.sin(2 * np.pi * rng.uniform(0.5, 2) * u))
     return np.abs(v - centre) < half_width
 

@@ -174,8 +174,8 @@ class FeedForward(nn.Module):
             self.param_dtype,
         ).astype(self.dtype)  # fmt: skip
         gate = jax.nn.gelu(jnp.einsum("BTD,DF->BTF", x, gating[0]), approximate=True)
-        hidden = layers.constrain(gate * jnp.einsum("BTD,DF->BTF", x, gating[1]),
-                                  ("batch", "length", "mlp"))  # fmt: skip
+        up = jnp.einsum("BTD,DF->BTF", x, gating[1])
+        hidden = layers.constrain(gate * up, ("batch", "length", "mlp"))
         return jnp.einsum("BTF,FD->BTD", hidden, linear)
 
 
@@ -197,7 +197,7 @@ class Block(nn.Module):
         norm = lambda name: layers.RMSNorm(eps=cfg.norm_eps, name=name, **kw)
         layer_index, cache = layer
         mask = inputs.mask
-        if inputs.local_mask is not None:  # transformers: layers 0, 2, 4, ... use the window.
+        if inputs.local_mask is not None:  # Layers 0, 2, 4, ... (GemmaConfig.is_sliding).
             mask = jnp.where(layer_index % 2 == 0, inputs.local_mask, inputs.mask)
         x = layers.constrain(x, layers.ACTIVATION)
         attended, cache = Attention(cfg, name="attn", **kw)(

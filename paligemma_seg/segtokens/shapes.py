@@ -1,5 +1,4 @@
-"""Generated binary masks for training the mask VQ-VAE: blobs, lakes, rivers, rectangles, thin
-lines, holes.
+"""Generated binary masks for training the mask VQ-VAE: blobs, lakes, rivers, rectangles, holes.
 
 Owns only shape drawing (numpy + scipy, deterministic given a numpy Generator). Cropping to boxes
 and resizing to 64x64 happen in `codec.py`, exactly as for real masks.

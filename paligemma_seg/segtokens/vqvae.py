@@ -1,14 +1,14 @@
-"""The mask VQ-VAE of big_vision's `vae-oid.npz` in pure JAX: encoder, codebook, decoder, load and
-save.
+"""The mask VQ-VAE of big_vision's `vae-oid.npz` in pure JAX: encoder, codebook, decoder, npz I/O.
 
 Owns the network (architecture of arXiv 2301.02229 as used by PaliGemma) and the npz format (a
 flattened PyTorch state dict). It knows nothing of boxes, tokens or text; `codec.py` does that.
 
 Layouts: the npz holds torch layouts (Conv2d [out, in, kh, kw], ConvTranspose2d [in, out, kh, kw]);
 in memory every kernel is a plain convolution kernel in HWIO [kh, kw, in, out]. A torch transposed
-convolution (kernel 4, stride 2, padding 1) runs here as a convolution of the 2x-dilated input with
-the spatially flipped kernel and padding kernel - 1 - padding = 2 (`_conv_transpose`), which is what
-torch computes (checked in the tests).
+convolution (kernel 4, stride 2, padding 1) equals a convolution of the 2x-dilated input with the
+spatially flipped kernel and padding kernel - 1 - padding = 2; `_conv_transpose` computes that sum
+phase by phase, without the inserted zeros (checked against torch in tests/test_vqvae.py).
+Parameters are float32; `save` writes float16 by default (4 MB), `load` reads f16/bf16/f32.
 """
 
 from __future__ import annotations
@@ -93,8 +93,7 @@ _PHASE_TAPS = {0: ((0, 0), (1, 2)), 1: ((1, 1), (2, 3))}
 
 
 def _phase_kernel(kernel: jax.Array) -> jax.Array:
-    """Flipped 4x4 kernel float[4, 4, I, O] -> 3x3 kernel float[3, 3, I, 4 * O] computing all 4
-    phases."""
+    """Flipped 4x4 kernel float[4, 4, I, O] -> float[3, 3, I, 4 * O] computing all 4 phases."""
     _, _, in_ch, out_ch = kernel.shape
     phased = jnp.zeros((3, 3, in_ch, 2, 2, out_ch), kernel.dtype)
     for ry, row_taps in _PHASE_TAPS.items():
@@ -106,8 +105,7 @@ def _phase_kernel(kernel: jax.Array) -> jax.Array:
 
 
 def _conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """torch ConvTranspose2d(kernel 4, stride 2, padding 1): float[B, H, W, I] -> float[B, 2H, 2W,
-    O].
+    """torch ConvTranspose2d(4, stride 2, padding 1): float[B, H, W, I] -> float[B, 2H, 2W, O].
 
     `kernel` float[4, 4, I, O] is the equivalent plain-convolution kernel (torch's [I, O, kh, kw]
     moved to HWIO and flipped in space), i.e. what would run over the input dilated by 2 with
@@ -156,8 +154,7 @@ def decoder(params: Params, features: jax.Array) -> jax.Array:
 
 
 def nearest_codes(features: jax.Array, codebook: jax.Array) -> jax.Array:
-    """features float[..., 512], codebook float[128, 512] -> int32[...] index of the nearest entry
-    (squared L2)."""
+    """features float[..., 512], codebook float[128, 512] -> int32[...] nearest (squared L2)."""
     distances = (
         jnp.sum(features**2, axis=-1, keepdims=True)
         - 2.0 * features @ codebook.T
@@ -184,8 +181,7 @@ _decode_jit = jax.jit(decode_codes)
 
 
 def init_params(rng: jax.Array) -> Params:
-    """Random parameters (He-uniform kernels like torch's default, zero biases, unit-scale
-    codebook)."""
+    """Random parameters: uniform kernels in +-1/sqrt(fan_in), zero biases, N(0, 0.1) codebook."""
     params: Params = {}
     keys = jax.random.split(rng, len(_LAYERS) + 1)
     for key, (_, name, shape, kind) in zip(keys[:-1], _LAYERS, strict=True):
@@ -244,8 +240,7 @@ def params_from_torch(state: Mapping[str, np.ndarray], source: str = "checkpoint
 
 
 def params_to_torch(params: Params, dtype: np.dtype = np.float32) -> dict[str, np.ndarray]:
-    """Our params -> a flat torch state dict with vae-oid's key names and layouts (inverse of
-    params_from_torch)."""
+    """Our params -> flat torch state dict, vae-oid names and layouts (inverse of the above)."""
     state = {CODEBOOK_KEY: np.asarray(params["codebook"], dtype)}
     for key, name, _, kind in _LAYERS:
         kernel = np.asarray(params[f"{name}/kernel"], np.float32)

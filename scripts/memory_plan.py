@@ -1,0 +1,139 @@
+r"""Bytes per device of a config's train step from XLA's compiled memory analysis (no weights).
+
+    python scripts/memory_plan.py --config configs/water_224.py --devices 1
+    python scripts/memory_plan.py --config configs/water_224.py --devices 8 \
+        --config.optim.trainable=all
+
+Compiles the real jitted, sharded train step on abstract arrays for N fake CPU devices
+(--xla_force_host_platform_device_count) and prints, per device: parameters, optimizer state and
+batch (from the shardings), and XLA's argument / output / temporary sizes. Last line: one JSON
+object.
+
+XLA:CPU has no bfloat16 matmul: it converts bf16 weights to f32, and its loop-invariant code motion
+then hoists those converts of whole stacked layer weights out of the layer loop (for PG1-3B ~10 GiB
+of f32 copies that no GPU/TPU compilation makes). By default that pass is disabled here
+(--xla_disable_hlo_passes=while-loop-invariant-code-motion); --cpu_licm keeps it. XLA:CPU still
+fuses and schedules differently from XLA:GPU/TPU: read temporaries as an estimate, not a promise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+_NO_CPU_LICM = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
+
+
+def _devices_from_argv(argv: list[str]) -> int:
+    """--devices N (read before JAX starts: the fake device count is fixed at start-up)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--devices="):
+            return int(arg.split("=", 1)[1])
+        if arg == "--devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return 1
+
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        f"--xla_force_host_platform_device_count={_devices_from_argv(sys.argv)}",
+        "" if "--cpu_licm" in sys.argv else _NO_CPU_LICM,
+    ]
+)
+
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from paligemma_seg import optim, sharding  # noqa: E402
+from paligemma_seg.train_setup import make_plan  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
+flags.DEFINE_integer("devices", 1, "Number of (fake CPU) devices of the mesh.")
+flags.DEFINE_bool(
+    "cpu_licm", False, "Keep XLA:CPU's loop-invariant code motion (see the docstring)."
+)
+
+GIB = 2**30
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with NamedShardings."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    cfg = _CONFIG.value
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    plan = make_plan(cfg, mesh)
+    state = plan.abstract_state
+    batch = plan.abstract_batch(cfg.batch_size, cfg.seq_len)
+    rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=sharding.replicated(mesh))
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = plan.train_step.lower(state, batch, rng).compile()
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    trainable, _ = optim.split_params(state.params, plan.mask)
+    figures = {
+        "config": cfg.model.preset,
+        "trainable": cfg.optim.trainable,
+        "optimizer": cfg.optim.name,
+        "devices": len(mesh.devices.flat),
+        "mesh": dict(mesh.shape),
+        "batch_size": cfg.batch_size,
+        "seq_len": cfg.seq_len,
+        "params_total": optim.count_params(state.params),
+        "params_trainable": optim.count_params(trainable),
+        "params_bytes": per_device_bytes(state.params),
+        "opt_state_bytes": per_device_bytes(state.opt_state),
+        "batch_bytes": per_device_bytes(batch),
+        "xla_argument_bytes": memory.argument_size_in_bytes,
+        "xla_output_bytes": memory.output_size_in_bytes,
+        "xla_alias_bytes": memory.alias_size_in_bytes,
+        "xla_temp_bytes": memory.temp_size_in_bytes,
+        "compile_seconds": round(seconds, 1),
+        "cpu_licm": flags.FLAGS.cpu_licm,
+    }
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+    figures["peak_bytes"] = peak
+    print(f"{cfg.model.preset}, trainable={cfg.optim.trainable!r}, {cfg.optim.name}, ", end="")
+    print(f"batch {cfg.batch_size} x {cfg.seq_len} tokens, mesh {dict(mesh.shape)}")
+    print(
+        f"  parameters      {figures['params_total']:>15,} "
+        f"({figures['params_trainable']:,} trainable)"
+    )
+    for name, key in (
+        ("params", "params_bytes"),
+        ("optimizer state", "opt_state_bytes"),
+        ("batch", "batch_bytes"),
+        ("XLA arguments", "xla_argument_bytes"),
+        ("XLA outputs", "xla_output_bytes"),
+        ("XLA aliased", "xla_alias_bytes"),
+        ("XLA temporaries", "xla_temp_bytes"),
+        ("peak (args+out-alias+temp)", "peak_bytes"),
+    ):
+        print(f"  {name:<27} {figures[key] / GIB:8.2f} GiB per device")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("config")
+    app.run(main)
