@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.init = "checkpoints/paligemma2-3b-pt-224.npz"
     c.model.preset = "pg2-3b-224"
     c.model.compat = "big_vision"
+    c.model.overrides.remat = True  # Without it XLA keeps ~28 GiB of activations (memory_plan.py).
     c.tokenizer = "checkpoints/paligemma_tokenizer.model"
     c.codec.vqvae = "checkpoints/vae-oid.npz"
     c.data.jsonl_dir = "data/water_jsonl_vaeoid"

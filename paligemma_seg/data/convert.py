@@ -34,27 +34,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from paligemma_seg.data.pairs import (
-    Listing,
-    Pair,
-    PathLike,
-    Prepared,
-    find_pairs,
-    prepared_stream,
-    read_split_file,
-    start_workers_early,
-)
+from paligemma_seg.data import pairs
+from paligemma_seg.data.pairs import Listing, Pair, PathLike, Prepared, find_pairs, read_split_file
 
-__all__ = [  # pairing lives in data.pairs; re-exported for callers of this module
-    "Listing",
-    "Pair",
-    "convert",
-    "find_pairs",
-    "load_codec",
-    "main",
-    "read_split_file",
-    "start_workers_early",
-]
+__all__ = ["Listing", "Pair", "convert", "find_pairs", "load_codec", "main", "read_split_file"]
 
 DEFAULT_CODEC = "checkpoints/vqvae_small.npz"
 DEFAULT_PREFIX = "segment water"
@@ -184,21 +167,6 @@ class _Encoder:
         return p, suffix, iou
 
 
-def _entry(p: Prepared, iou: float | None) -> dict[str, Any]:
-    return {
-        "image": p.pair.name,
-        "split": p.pair.split,
-        "objects": p.num_objects,
-        "ceiling_iou": None if iou is None else round(iou, 6),
-        "problem": p.problem,
-        "suspicious": p.suspicious,
-        "water_fraction": None if p.water_fraction is None else round(p.water_fraction, 6),
-        "dropped_objects": 0 if p.objects is None else int(p.objects.dropped),
-        "notes": list(p.notes),
-        "converted_image": p.image_path is not None and p.image_path != p.pair.image,
-    }
-
-
 # ----------------------------------------------------------------------------------------- outputs
 
 
@@ -298,26 +266,21 @@ def convert(
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir))
     try:
         (staging / CONVERTED_DIR).mkdir()
-        settings_for_workers = {
-            "config": mask_codec.config,
-            "staging": str(staging / CONVERTED_DIR),
-            "final": str(out_dir / CONVERTED_DIR),
-            "keep_suspicious": keep_suspicious,
-            "ceiling": ceiling,
-        }
         entries, lines = [], collections.defaultdict(list)
         encoder = _Encoder(mask_codec, ceiling)
-        with prepared_stream(workers, listing.pairs, **settings_for_workers) as prepared:
-            progress_bar = tqdm(
-                prepared,
-                total=len(listing.pairs),
-                unit="pair",
-                desc="converting",
-                disable=not progress,
-                leave=False,
-            )
-            for p, suffix, iou in encoder.run(progress_bar):
-                entries.append(_entry(p, iou))
+        with pairs.prepared_stream(
+            workers,
+            listing.pairs,
+            config=mask_codec.config,
+            staging=str(staging / CONVERTED_DIR),
+            final=str(out_dir / CONVERTED_DIR),
+            keep_suspicious=keep_suspicious,
+            ceiling=ceiling,
+        ) as prepared:
+            shown = {"total": len(listing.pairs), "unit": "pair", "desc": "converting"}
+            bar = tqdm(prepared, **shown, disable=not progress, leave=False)
+            for p, suffix, iou in encoder.run(bar):
+                entries.append(p.entry(iou))
                 if p.problem is None:
                     lines[p.pair.split].append(
                         _jsonl_line(p, prefix, suffix, out_dir, absolute_paths)
@@ -404,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("threshold", "max_objects"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    start_workers_early()  # its imports overlap load_codec's
+    pairs.start_workers_early()  # its imports overlap load_codec's
     try:
         report = convert(
             args.images,

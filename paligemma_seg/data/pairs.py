@@ -157,6 +157,23 @@ class Prepared:
     def num_objects(self) -> int:
         return 0 if self.problem or self.objects is None else len(self.objects.boxes)
 
+    def entry(self, iou: float | None) -> dict[str, Any]:
+        """This pair's entry in report.json, with its ceiling IoU."""
+        return {
+            "image": self.pair.name,
+            "split": self.pair.split,
+            "objects": self.num_objects,
+            "ceiling_iou": None if iou is None else round(iou, 6),
+            "problem": self.problem,
+            "suspicious": self.suspicious,
+            "water_fraction": None
+            if self.water_fraction is None
+            else round(self.water_fraction, 6),
+            "dropped_objects": 0 if self.objects is None else int(self.objects.dropped),
+            "notes": list(self.notes),
+            "converted_image": self.image_path is not None and self.image_path != self.pair.image,
+        }
+
 
 def _suspicion(grey: np.ndarray, water_fraction: float) -> str | None:
     if water_fraction >= 1.0:
