@@ -5,11 +5,15 @@ the project's small tokenizer and VQ-VAE from checkpoints/. Generates 2000 tiles
 data/synthetic_water/ (~25 s) and converts them to JSONL if missing, trains 800 steps of batch 16,
 then decodes the 200 test tiles and writes eval.json, contact_sheet.png and metrics.jsonl:
 
-    python -m paligemma_seg.train --config configs/water_tiny.py    # -> workdirs/water_tiny/
+    python -m paligemma_seg.train --config configs/water_tiny.py    # -> runs/water_tiny/
 
 Recipe (issue 7): one object per tile (`codec.whole_mask`: a box over all water + 16 mask tokens),
 so every answer has the same short form and seq_len is 32; AdamW 1e-3, 50 warmup steps, cosine.
-RESULTS_PLACEHOLDER
+Measured (seed 0) on 2 CPU cores shared with other jobs (load average 3-9, 3-15 examples/s):
+35.7 min wall, not the ~10 min that issue 7 asks for on idle cores (unmeasured here); test mIoU
+0.631, valid outputs 100%, codec ceiling 0.905 on the 200 test tiles: below issue 7's goal of
+0.80. The validation loss is lowest near step 500 (3.28) and rises to 3.41 by step 800, so the
+1800 training tiles start to overfit; more tiles are the next thing to try.
 
 On the real water images instead (from scratch, 164 training / 21 test images):
     python -m paligemma_seg.train --config configs/water_tiny.py \
@@ -18,8 +22,9 @@ On the real water images instead (from scratch, 164 training / 21 test images):
         --config.data.masks=../shared/data/water_bodies/masks \
         --config.data.splits.train=../shared/data/water_bodies/train_images.txt \
         --config.data.splits.test=../shared/data/water_bodies/test_images.txt \
-        --config.data.jsonl_dir=data/water_jsonl_tiny --workdir workdirs/water_tiny_real
-REAL_PLACEHOLDER
+        --config.data.jsonl_dir=data/water_jsonl_tiny --workdir runs/water_tiny_real
+(measured with total_steps=400: mIoU 0.251 on the 21 test images, codec ceiling 0.810 there; the
+model memorises the 164 images, train loss 0.003 vs validation loss 6.6.)
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ def _base() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
     """Tiny model, generated data, everything trainable; see the module docstring."""
     c = _base()
-    c.workdir = "workdirs/water_tiny"  # .gitignore covers workdirs/.
+    c.workdir = "runs/water_tiny"  # The README names this path.
     c.total_steps = 800
     c.batch_size = 16
     c.seq_len = 32  # BOS + prefix + "\n" (4) + one object (4 loc + 16 seg + label) + EOS.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -72,23 +73,6 @@ def time_steps(step: Callable[[], object], steps: int, repeats: int) -> float:
         for _ in range(steps):
             step()
         best = min(best, (time.perf_counter() - start) / steps)
-    return best
-
-
-def time_interleaved(
-    steps: dict[str, Callable[[], object]], count: int, rounds: int
-) -> dict[str, float]:
-    """Best seconds per step of each variant; the variants take turns in every round, so a
-    load change on a shared machine hits all of them alike."""
-    for step in steps.values():
-        step()  # warm-up
-    best = dict.fromkeys(steps, float("inf"))
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(count):
-                step()
-            best[name] = min(best[name], (time.perf_counter() - start) / count)
     return best
 
 
@@ -169,6 +153,10 @@ def torch_step(compile_model: bool) -> Callable[[], None]:
         )
         return (per_token * weights).sum() / weights.sum()
 
+    if compile_model:
+        # transformers checks the image-token count with Tensor.item(): capture it in the graph.
+        torch._dynamo.config.capture_scalar_outputs = True
+        logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     forward = torch.compile(loss_fn) if compile_model else loss_fn
 
     def one() -> None:
@@ -199,7 +187,7 @@ def matmul_peak(repeats: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds (best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -212,19 +200,23 @@ def main() -> None:
     ours_fp32, flops = ours("float32")
     ours_bf16, _ = ours("bfloat16")
     print(f"step: {flops / 1e9:.1f} GFLOPs (XLA cost analysis of our fp32 step)")
-    variants = {
-        "ours fp32": ours_fp32,
-        "ours bf16": ours_bf16,
-        "torch eager fp32": torch_step(False),
-    }
-    if not args.no_compile:
+    # Variants run one after another, each after a warm-up step. torch.compile goes last: eager
+    # torch steps timed after inductor had compiled in the same process were ~10x slower than in
+    # a fresh process.
+    seconds = {}
+    for name, make in (
+        ("torch eager fp32", lambda: torch_step(False)),
+        ("ours fp32", lambda: ours_fp32),
+        ("ours bf16", lambda: ours_bf16),
+        ("torch.compile fp32", lambda: torch_step(True)),
+    ):
+        if name.startswith("torch.compile") and args.no_compile:
+            continue
+        time.sleep(2)
         try:
-            compiled_step = torch_step(True)
-            compiled_step()  # compiles (minutes on a small CPU)
-            variants["torch.compile fp32"] = compiled_step
+            seconds[name] = time_steps(make(), args.steps, args.repeats)
         except Exception as error:  # noqa: BLE001 - torch.compile may be unavailable here
-            print(f"torch.compile did not run: {type(error).__name__}: {str(error)[:200]}")
-    seconds = time_interleaved(variants, args.steps, args.repeats)
+            print(f"{name} did not run: {type(error).__name__}: {str(error)[:200]}")
     ours_fp32, ours_bf16, eager = (
         seconds[k] for k in ("ours fp32", "ours bf16", "torch eager fp32")
     )

@@ -1,6 +1,10 @@
-"""Masks as text: the VQ-VAE (`vqvae`, vae-oid.npz format) and the mask <-> suffix `codec`."""
+"""Masks as text: the VQ-VAE (`vqvae`, vae-oid.npz format) and the mask <-> suffix `codec`.
 
-from paligemma_seg.segtokens import codec, vqvae
+Importing the package (or `codec`) does not import JAX, so data-conversion workers stay light;
+`from paligemma_seg.segtokens import vqvae` loads the network.
+"""
+
+from paligemma_seg.segtokens import codec
 from paligemma_seg.segtokens.codec import (
     CodecConfig,
     DecodedMask,
@@ -11,10 +15,8 @@ from paligemma_seg.segtokens.codec import (
     reference_mask,
     split_objects,
 )
-from paligemma_seg.segtokens.vqvae import VQVAE
 
 __all__ = [
-    "VQVAE",
     "CodecConfig",
     "DecodedMask",
     "EncodedMask",
@@ -24,5 +26,4 @@ __all__ = [
     "parse_suffix",
     "reference_mask",
     "split_objects",
-    "vqvae",
 ]

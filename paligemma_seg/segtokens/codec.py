@@ -26,12 +26,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from paligemma_seg.segtokens.vqvae import MASK_SIZE, NUM_CODES, TOKENS_PER_MASK, VQVAE
+from paligemma_seg.segtokens.layout import MASK_SIZE, NUM_CODES, TOKENS_PER_MASK
+
+if TYPE_CHECKING:  # The codec runs any object with encode/decode; JAX loads only with vqvae.
+    from paligemma_seg.segtokens.vqvae import VQVAE
 
 NUM_LOCS = 1024
 OBJECT_SEPARATOR = " ; "

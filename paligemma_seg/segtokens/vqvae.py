@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NUM_CODES = 128
+from paligemma_seg.segtokens.layout import MASK_SIZE, NUM_CODES, TOKENS_PER_MASK
+
 CODE_DIM = 512
-TOKENS_PER_MASK = 16
-MASK_SIZE = 64
 _BUCKETS = (1, 8, 32, 128)
 
 Params = dict[str, jax.Array]
