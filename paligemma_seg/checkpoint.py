@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 _STATE, _META = "state", "meta"
 
@@ -33,7 +34,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = _absolute(directory)
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=(_STATE, _META)
         )
@@ -77,22 +78,25 @@ class Checkpointer:
         self._manager.close()
 
 
-def _step_dir(path: str) -> str | None:
+def _absolute(path: str | os.PathLike) -> epath.Path:
+    """Local paths made absolute; remote ones (gs://...) as they are."""
+    path = epath.Path(path)
+    return path if "://" in os.fspath(path) else epath.Path(os.path.abspath(path))
+
+
+def _step_dir(path: epath.Path) -> epath.Path | None:
     """The step directory of `path` (itself, or the newest numbered child), or None."""
-    if os.path.isdir(os.path.join(path, _STATE)):
+    if not path.is_dir():
+        return None
+    if (path / _STATE).is_dir():
         return path
-    steps = [
-        int(n)
-        for n in os.listdir(path)
-        if n.isdigit() and os.path.isdir(os.path.join(path, n, _STATE))
-    ]
-    return os.path.join(path, str(max(steps))) if steps else None
+    steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and (p / _STATE).is_dir()]
+    return path / str(max(steps)) if steps else None
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     """True for a checkpoint directory of this project (a step directory or its parent)."""
-    path = os.fspath(path)
-    return os.path.isdir(path) and _step_dir(path) is not None
+    return _step_dir(_absolute(path)) is not None
 
 
 def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
@@ -100,8 +104,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
 
     `abstract_params`: tree of jax.ShapeDtypeStruct with shardings (the checkpoint's shapes).
     """
-    path = os.path.abspath(os.fspath(path))
-    step_dir = _step_dir(path) if os.path.isdir(path) else None
+    step_dir = _step_dir(_absolute(path))
     if step_dir is None:
         raise ValueError(
             f"{path} is not an orbax checkpoint of this project (expected STEP/state/ inside, e.g. "
@@ -113,7 +116,7 @@ def restore_params(path: str | os.PathLike, abstract_params: Any) -> Any:
     )
     with ocp.PyTreeCheckpointer() as checkpointer:
         restored = checkpointer.restore(
-            os.path.join(step_dir, _STATE),
+            step_dir / _STATE,
             args=ocp.args.PyTreeRestore(
                 item={"params": abstract_params},
                 restore_args={"params": restore_args},

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from paligemma_seg import checkpoint, optim
 from paligemma_seg.model import PaliGemma, PaliGemmaConfig, get_preset, init_params, param_shapes
@@ -99,7 +100,7 @@ def check_init(cfg: ml_collections.ConfigDict) -> str:
     """'' | 'orbax' | 'weights': which kind `cfg.init` is; a missing path raises."""
     if not cfg.init:
         return ""
-    if not os.path.exists(cfg.init):
+    if not epath.Path(cfg.init).exists():  # Local, or a bucket (gs://...).
         raise _missing("initial weights", cfg.init, "init", _download_args(cfg))
     return "orbax" if checkpoint.is_orbax_checkpoint(cfg.init) else "weights"
 

@@ -41,15 +41,18 @@ _NUM_PROCESSES = flags.DEFINE_integer(
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual run.")
 
 
+_NOISY_LOGGERS = ("absl", "tensorflow", "jax._src", "orbax")
+
+
 def _configure_logging(process_index: int) -> None:
-    """INFO on process 0, warnings only elsewhere; TensorFlow and absl chatter muted."""
+    """INFO on process 0, warnings only elsewhere; library chatter (JAX, orbax, TF) muted."""
     logging.basicConfig(
         level=logging.INFO if process_index == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("absl", "tensorflow", "jax._src", "orbax", "absl.logging"):
+    for noisy in _NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -65,9 +68,9 @@ def main(argv: list[str]) -> None:
     cfg = _CONFIG.value
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/water_tiny.py")
-    from paligemma_seg import (
-        sharding,
-    )  # After flag parsing: nothing may touch a device before this.
+    for noisy in _NOISY_LOGGERS:  # Before JAX starts its backends (absl logs INFO by default).
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from paligemma_seg import sharding  # Nothing may touch a device before the next line.
 
     sharding.initialize_distributed(
         _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value

@@ -1,9 +1,9 @@
 """The training loop: batches -> jitted sharded steps -> logs, validation, checkpoints, evaluation.
 
-Owns what a run writes to WORKDIR: config.json and metrics.jsonl (process 0), checkpoints/ (all
-processes), params.npz at the end (process 0) and whatever evaluation writes. Setup (shapes,
-shardings, where the run starts) lives in train_setup.py. SIGTERM/SIGINT (one process) or JAX's
-preemption notice (several processes) make the loop save a checkpoint and return.
+Owns what a run writes to WORKDIR (a local path or gs://...): config.json and metrics.jsonl (process
+0), checkpoints/ (all processes), params.npz at the end (process 0) and whatever evaluation writes.
+Setup (shapes, shardings, where the run starts) lives in train_setup.py. SIGTERM/SIGINT (one
+process) or JAX's preemption notice (several processes) make the loop save a checkpoint and return.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 import tqdm
+from etils import epath
 
 from paligemma_seg import sharding
 from paligemma_seg.data import pipeline
@@ -69,24 +71,28 @@ class StopFlag:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to WORKDIR/metrics.jsonl (process 0 only)."""
+    """One JSON object per line in WORKDIR/metrics.jsonl (process 0 only; local or gs://)."""
 
-    def __init__(self, path: str, resume_step: int):
+    def __init__(self, path: epath.Path, resume_step: int):
         self.path = path
         self.enabled = jax.process_index() == 0
-        if self.enabled and os.path.exists(
-            path
-        ):  # Drop what a killed run logged after its checkpoint.
-            with open(path, encoding="utf-8") as f:
-                lines = [line for line in f if line.strip()]
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
-            with open(path, "w", encoding="utf-8") as f:
-                f.writelines(kept)
+        self.remote = "://" in os.fspath(path)  # Object stores cannot append: rewrite the file.
+        self.lines: list[str] = []
+        if self.enabled and path.exists():  # Drop what a killed run logged after its checkpoint.
+            lines = [line + "\n" for line in path.read_text().splitlines() if line.strip()]
+            self.lines = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            path.write_text("".join(self.lines))
 
     def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps(record) + "\n"
+        self.lines.append(line)
+        if self.remote:
+            self.path.write_text("".join(self.lines))
+        else:
+            with self.path.open("a") as f:
+                f.write(line)
 
 
 @dataclasses.dataclass
@@ -157,9 +163,16 @@ def _export(params: Any, workdir: str) -> None:
 
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
-    if jax.process_index() == 0:
-        path = weights.save_npz(jax.device_get(params), os.path.join(workdir, "params.npz"))
-        logging.info("Exported trained weights to %s", path)
+    if jax.process_index() != 0:
+        return
+    target = epath.Path(workdir) / "params.npz"
+    if "://" not in os.fspath(target):
+        weights.save_npz(jax.device_get(params), target)
+    else:  # weights.save_npz writes local files: stage, then copy to the bucket.
+        with tempfile.TemporaryDirectory() as staging:
+            local = weights.save_npz(jax.device_get(params), os.path.join(staging, "params.npz"))
+            epath.Path(local).copy(target, overwrite=True)
+    logging.info("Exported trained weights to %s", target)
 
 
 def _log_metrics(
@@ -179,10 +192,9 @@ def _log_metrics(
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains `cfg` in `workdir`; returns the last logged metrics (and eval results, if any)."""
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
+        (epath.Path(workdir) / "config.json").write_text(cfg.to_json_best_effort(indent=2))
     s = setup(cfg, workdir)
     flag = StopFlag()
     flag.install()
@@ -210,7 +222,7 @@ def _loop(
 ) -> tuple[TrainState, dict[str, Any]]:
     """Steps until total_steps or a stop request; returns the state and the last logged metrics."""
     total, state, step = cfg.total_steps, s.state, s.start_step
-    writer = MetricsWriter(os.path.join(workdir, "metrics.jsonl"), step)
+    writer = MetricsWriter(epath.Path(workdir) / "metrics.jsonl", step)
     pause_after = int(os.environ.get(PAUSE_ENV, "-1"))
     speed = Throughput(cfg.seq_len + s.plan.model.config.num_image_tokens)
     bar = tqdm.tqdm(total=total, initial=step, unit="step", disable=jax.process_index() != 0)

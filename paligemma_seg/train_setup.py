@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from paligemma_seg import checkpoint, experiment, optim, sharding
 from paligemma_seg.data import pipeline
@@ -137,15 +137,15 @@ def _load_tables(
 
 def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Mesh, plan, data tables and the (restored or fresh) state of a run in `workdir`."""
+    tokenizer = experiment.load_tokenizer(cfg)  # Missing files fail first, before any work.
+    experiment.check_init(cfg)
+    train_table, val_table = _load_tables(cfg, tokenizer)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     plan = make_plan(cfg, mesh)
     sharding.log_table(plan.table, mesh)
     _log_sizes(plan)
-    tokenizer = experiment.load_tokenizer(cfg)
-    experiment.check_init(cfg)
-    train_table, val_table = _load_tables(cfg, tokenizer)
     checkpointer = checkpoint.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save
+        epath.Path(workdir) / "checkpoints", keep=cfg.ckpt.keep, async_save=cfg.ckpt.async_save
     )
     # From numpy: device_put of a (local) jax array onto a multi-process sharding is broken.
     rng = jax.device_put(np.asarray(jax.random.PRNGKey(cfg.seed)), sharding.replicated(mesh))

@@ -7,10 +7,12 @@ width 256, 112 px, patch 14 (64 image tokens); Gemma 4 layers, width 512, 8 head
 dim 64, MLP 2048, vocabulary 2304; batch 8, 64 text tokens of which 48 are supervised suffix; every
 parameter trains with AdamW (global-norm clip 1.0). Both sides do forward, backward and the update.
 Ours runs in float32 and with bfloat16 compute (float32 master weights); torch runs float32 eager
-and, if it compiles, `torch.compile`. The step's FLOPs come from XLA's cost analysis of our fp32
-step; the machine's matmul peak is measured in the same run (large fp32/bf16 matmuls, best of JAX
-and torch). The last line is one JSON object: ours_ex_per_s, torch_ex_per_s (best torch variant),
-speedup (ours fp32 / torch fp32) and speedup_bf16 (ours bf16 / torch fp32), plus the details.
+and, if it compiles, `torch.compile`. Each variant runs in a fresh process, one after another
+(in one process the frameworks slowed each other down). The step's FLOPs come from XLA's cost
+analysis of our fp32 step; the machine's matmul peak is measured in the same run (2048^3 fp32/bf16
+matmuls, best of JAX and torch). The last line is one JSON object: ours_ex_per_s,
+torch_ex_per_s (best torch variant), speedup (ours fp32 / torch fp32) and speedup_bf16 (ours bf16
+/ torch fp32), plus the details.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import argparse
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -184,66 +188,83 @@ def matmul_peak(repeats: int) -> dict[str, float]:
     return out
 
 
+VARIANTS = ("peaks", "torch_eager", "ours_fp32", "ours_bf16", "torch_compile")
+
+
+def measure(variant: str, steps: int, repeats: int) -> dict[str, object]:
+    """Seconds per step (and FLOPs, peaks) of one variant, in this process."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    if variant == "peaks":
+        return matmul_peak(repeats)
+    if variant.startswith("ours"):
+        step, flops = ours("float32" if variant == "ours_fp32" else "bfloat16")
+        return {"seconds": time_steps(step, steps, repeats), "flops": flops}
+    return {"seconds": time_steps(torch_step(variant == "torch_compile"), steps, repeats)}
+
+
+def run_isolated(variant: str, args: argparse.Namespace) -> dict[str, object] | None:
+    """`measure` in a fresh process: JAX, eager torch and inductor slowed each other down (up to
+    10x) when they ran one after another in one process on these 2 cores."""
+    command = [sys.executable, __file__, f"--variant={variant}", f"--steps={args.steps}"]
+    command.append(f"--repeats={args.repeats}")
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        print(f"{variant} did not run: {result.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def report(results: dict[str, dict]) -> dict[str, object]:
+    """Prints one line per variant and returns the summary JSON."""
+    peaks, flops = results["peaks"], results["ours_fp32"]["flops"]
+    peak = {
+        "fp32": max(peaks["jax_fp32"], peaks["torch_fp32"]),
+        "bf16": max(peaks["jax_bf16"], peaks["torch_bf16"]),
+    }
+    print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
+    print(f"step: {flops / 1e9:.1f} GFLOPs (XLA cost analysis of our fp32 step)")
+    seconds = {k: v["seconds"] for k, v in results.items() if k != "peaks" and v is not None}
+    for name, per_step in seconds.items():
+        rate = flops / per_step / 1e9
+        fraction = rate / peak["bf16" if name.endswith("bf16") else "fp32"]
+        print(
+            f"{name:<14} {BATCH / per_step:7.2f} ex/s  {per_step * 1e3:8.1f} ms/step  "
+            f"{rate:6.1f} GFLOP/s = {fraction:5.1%} of the measured matmul peak"
+        )
+    torch_best = min(seconds["torch_eager"], seconds.get("torch_compile", float("inf")))
+    compiled = seconds.get("torch_compile")
+    return {
+        "ours_ex_per_s": BATCH / seconds["ours_fp32"],
+        "ours_bf16_ex_per_s": BATCH / seconds["ours_bf16"],
+        "torch_ex_per_s": BATCH / torch_best,
+        "torch_eager_ex_per_s": BATCH / seconds["torch_eager"],
+        "torch_compile_ex_per_s": None if compiled is None else BATCH / compiled,
+        "speedup": torch_best / seconds["ours_fp32"],
+        "speedup_bf16": torch_best / seconds["ours_bf16"],
+        "step_gflops": flops / 1e9,
+        "peak_gflops": peaks,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--variant", choices=VARIANTS, help="internal: measure one variant here")
     args = parser.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-
-    peaks = matmul_peak(args.repeats)
-    peak_fp32 = max(peaks["jax_fp32"], peaks["torch_fp32"])
-    peak_bf16 = max(peaks["jax_bf16"], peaks["torch_bf16"])
-    print("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peaks.items()))
-
-    ours_fp32, flops = ours("float32")
-    ours_bf16, _ = ours("bfloat16")
-    print(f"step: {flops / 1e9:.1f} GFLOPs (XLA cost analysis of our fp32 step)")
-    # Variants run one after another, each after a warm-up step. torch.compile goes last: eager
-    # torch steps timed after inductor had compiled in the same process were ~10x slower than in
-    # a fresh process.
-    seconds = {}
-    for name, make in (
-        ("torch eager fp32", lambda: torch_step(False)),
-        ("ours fp32", lambda: ours_fp32),
-        ("ours bf16", lambda: ours_bf16),
-        ("torch.compile fp32", lambda: torch_step(True)),
-    ):
-        if name.startswith("torch.compile") and args.no_compile:
+    if args.variant:
+        print(json.dumps(measure(args.variant, args.steps, args.repeats)))
+        return
+    results = {}
+    for variant in VARIANTS:
+        if variant == "torch_compile" and args.no_compile:
             continue
-        time.sleep(2)
-        try:
-            seconds[name] = time_steps(make(), args.steps, args.repeats)
-        except Exception as error:  # noqa: BLE001 - torch.compile may be unavailable here
-            print(f"{name} did not run: {type(error).__name__}: {str(error)[:200]}")
-    ours_fp32, ours_bf16, eager = (
-        seconds[k] for k in ("ours fp32", "ours bf16", "torch eager fp32")
-    )
-    compiled = seconds.get("torch.compile fp32")
-    rows = [("ours fp32", ours_fp32, peak_fp32), ("ours bf16", ours_bf16, peak_bf16)]
-    rows += [("torch eager fp32", eager, peak_fp32)]
-    if compiled is not None:
-        rows.append(("torch.compile fp32", compiled, peak_fp32))
-    for name, per_step, peak in rows:
-        rate = flops / per_step / 1e9
-        print(
-            f"{name:<20} {BATCH / per_step:7.2f} ex/s  {per_step * 1e3:8.1f} ms/step  "
-            f"{rate:6.1f} GFLOP/s = {rate / peak:5.1%} of the measured matmul peak"
-        )
-    torch_best = min(eager, compiled or float("inf"))
-    result = {
-        "ours_ex_per_s": BATCH / ours_fp32,
-        "ours_bf16_ex_per_s": BATCH / ours_bf16,
-        "torch_ex_per_s": BATCH / torch_best,
-        "torch_eager_ex_per_s": BATCH / eager,
-        "torch_compile_ex_per_s": None if compiled is None else BATCH / compiled,
-        "speedup": torch_best / ours_fp32,
-        "speedup_bf16": torch_best / ours_bf16,
-        "step_gflops": flops / 1e9,
-        "peak_gflops": peaks,
-    }
-    print(json.dumps(result))
+        results[variant] = run_isolated(variant, args)
+    missing = [v for v in VARIANTS[:4] if results[v] is None]
+    if missing:
+        raise SystemExit(f"could not measure {missing}; see the messages above.")
+    print(json.dumps(report(results)))
 
 
 if __name__ == "__main__":
