@@ -8,6 +8,8 @@ data-preparation keys.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -190,8 +192,15 @@ def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
     """
     paths = {split: split_jsonl(cfg, split) for split in splits}
     missing = [s for s, p in paths.items() if not os.path.isfile(p)]
+    codec = None
+    if not missing and jax.process_index() == 0:
+        codec = load_codec(cfg)
+        reason = _stale_conversion(cfg, codec)
+        if reason:  # Converted with other settings: reconverting beats silently training on them.
+            logging.warning("Reconverting %s: %s", cfg.data.jsonl_dir, reason)
+            missing = list(paths)
     if missing and jax.process_index() == 0:
-        codec = load_codec(cfg)  # Fail on a missing codec before generating anything.
+        codec = codec or load_codec(cfg)  # Fail on a missing codec before generating anything.
         synthetic = cfg.data.synthetic
         if synthetic.num_images > 0 and not os.path.isdir(cfg.data.images):
             from paligemma_seg.data import synthetic as synthetic_lib
@@ -210,6 +219,27 @@ def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
             f"({sorted(cfg.data.splits.to_dict())}) names the splits {list(splits)}."
         )
     return paths
+
+
+def _stale_conversion(cfg: ml_collections.ConfigDict, codec: Any) -> str:
+    """Why data.jsonl_dir's report.json does not match this config ('' = it matches).
+
+    JSONL without a convert report (written by another tool) is trusted as it is.
+    """
+    report_path = os.path.join(cfg.data.jsonl_dir, "report.json")
+    try:
+        with open(report_path) as f:
+            settings = json.load(f).get("settings", {})
+    except (OSError, ValueError):
+        return ""
+    expected = {
+        "images": str(pathlib.Path(cfg.data.images).resolve()),
+        "masks": str(pathlib.Path(cfg.data.masks).resolve()),
+        "prefix": cfg.data.prefix,
+        "codec": dataclasses.asdict(codec.config),
+    }
+    changed = [key for key, value in expected.items() if settings.get(key) != value]
+    return f"settings changed: {', '.join(changed)}" if changed else ""
 
 
 def _convert(cfg: ml_collections.ConfigDict, codec: Any) -> None:
