@@ -8,25 +8,16 @@ Needs checkpoints/paligemma-3b-pt-448.npz, paligemma_tokenizer.model and vae-oid
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
-
-def _base() -> ml_collections.ConfigDict:
-    """configs/base.py's get_config(), found next to this file (configs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "_configs_base", pathlib.Path(__file__).with_name("base.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from paligemma_seg import config_files
 
 
 def get_config() -> ml_collections.ConfigDict:
     """PG1 3B @448; same recipe as water_224 otherwise."""
-    c = _base()
+    c = config_files.load(pathlib.Path(__file__).with_name("base.py"))
     c.workdir = "runs/water_448"
     c.init = "checkpoints/paligemma-3b-pt-448.npz"
     c.model.preset = "pg1-3b-448"

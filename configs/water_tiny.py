@@ -29,25 +29,16 @@ model memorises the 164 images, train loss 0.003 vs validation loss 6.6.)
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
-
-def _base() -> ml_collections.ConfigDict:
-    """configs/base.py's get_config(), found next to this file (configs/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(
-        "_configs_base", pathlib.Path(__file__).with_name("base.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from paligemma_seg import config_files
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Tiny model, generated data, everything trainable; see the module docstring."""
-    c = _base()
+    c = config_files.load(pathlib.Path(__file__).with_name("base.py"))
     c.workdir = "runs/water_tiny"  # The README names this path.
     c.total_steps = 500
     c.batch_size = 16
