@@ -26,50 +26,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from paligemma_seg import decode  # noqa: E402
+from paligemma_seg import decode, weights_config  # noqa: E402
 from paligemma_seg.model import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig  # noqa: E402
 from paligemma_seg.weights import params_from_hf_state_dict  # noqa: E402
 
 VISION = dict(width=256, depth=4, mlp_dim=1024, num_heads=4, patch_size=14, image_size=112)
 LLM = dict(width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64, vocab=2304)
-
-
-def hf_config() -> transformers.PaliGemmaConfig:
-    """The benchmark model as a transformers PaliGemma 1 config."""
-    text = dict(
-        model_type="gemma",
-        vocab_size=LLM["vocab"],
-        hidden_size=LLM["width"],
-        intermediate_size=LLM["mlp_dim"],
-        num_hidden_layers=LLM["depth"],
-        num_attention_heads=LLM["num_heads"],
-        num_key_value_heads=LLM["num_kv_heads"],
-        head_dim=LLM["head_dim"],
-        hidden_act="gelu_pytorch_tanh",
-        hidden_activation="gelu_pytorch_tanh",
-        rms_norm_eps=1e-6,
-    )
-    vision = dict(
-        model_type="siglip_vision_model",
-        hidden_size=VISION["width"],
-        intermediate_size=VISION["mlp_dim"],
-        num_hidden_layers=VISION["depth"],
-        num_attention_heads=VISION["num_heads"],
-        patch_size=VISION["patch_size"],
-        image_size=VISION["image_size"],
-        vision_use_head=False,
-        layer_norm_eps=1e-6,
-        hidden_act="gelu_pytorch_tanh",
-    )
-    return transformers.PaliGemmaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=LLM["vocab"],  # outside the vocabulary: never generated
-        projection_dim=LLM["width"],
-        hidden_size=LLM["width"],
-        vocab_size=LLM["vocab"],
-        attn_implementation="sdpa",
-    )
 
 
 def our_config() -> PaliGemmaConfig:
@@ -83,6 +45,12 @@ def our_config() -> PaliGemmaConfig:
         vocab_size=LLM["vocab"],
     )
     return PaliGemmaConfig(vision=SiglipConfig(**VISION), llm=llm)
+
+
+def hf_config() -> transformers.PaliGemmaConfig:
+    """The same model as a transformers config, written by the project's own exporter."""
+    config_json = weights_config.hf_config_json(our_config(), "float32")
+    return transformers.PaliGemmaConfig(**config_json, attn_implementation="sdpa")
 
 
 def make_inputs(batch: int, prompt_len: int, seed: int = 0) -> dict[str, np.ndarray]:
