@@ -38,6 +38,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.overrides.dtype = "bfloat16"  # Compute dtype: 'float32' or 'bfloat16'.
     c.model.overrides.param_dtype = "float32"  # Parameter storage: f32 master copies.
     c.model.overrides.remat = False  # Recompute each block in the backward pass (less memory).
+    # Random init only: sincos2d image position embeddings, <loc> rows smooth in the bin, <seg> rows
+    # from the codec's codebook (paligemma_seg/scratch_init.py). For training from scratch.
+    c.model.structured_init = False
 
     # --- Tokenizer ---
     c.tokenizer = "checkpoints/paligemma_tokenizer.model"  # SentencePiece with <loc>/<seg>.

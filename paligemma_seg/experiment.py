@@ -154,7 +154,10 @@ def initial_params(
     kind = check_init(cfg)
     if kind == "":
         cast = lambda tree: jax.tree_util.tree_map(lambda x, t: x.astype(t.dtype), tree, target)
-        return jax.jit(lambda key: cast(init_params(config, key)), out_shardings=shardings)(rng)
+        params = jax.jit(lambda key: cast(init_params(config, key)), out_shardings=shardings)(rng)
+        if cfg.model.structured_init:
+            params = _structured_init(cfg, params)
+        return params
     if kind == "orbax":
         return checkpoint.restore_params(cfg.init, target)
     host = load_weights(cfg, config)
@@ -166,6 +169,36 @@ def initial_params(
         host,
         target,
     )
+
+
+def _structured_init(cfg: ml_collections.ConfigDict, params: dict[str, Any]) -> Any:
+    """`params` with the structured tables of `scratch_init` (random init only)."""
+    from paligemma_seg import scratch_init
+
+    tokenizer, codec = load_tokenizer(cfg), load_codec(cfg)
+    embedding = params["llm"]["embedder"]["input_embedding"]
+    structured = lambda table: scratch_init.structured_embedding(
+        table,
+        tokenizer.loc_ids,
+        tokenizer.seg_ids,
+        np.asarray(codec.vqvae.params["codebook"], np.float32),
+        seed=int(cfg.seed),
+    )
+    posemb = params["img"]["pos_embedding"]
+    grid = int(round(np.sqrt(posemb.shape[1])))
+    sincos = scratch_init.sincos2d_posemb(grid, posemb.shape[2])
+
+    def place(like: jax.Array, host: np.ndarray) -> jax.Array:
+        return jax.make_array_from_callback(
+            like.shape, like.sharding, lambda index: host[index].astype(like.dtype)
+        )
+
+    llm = {**params["llm"], "embedder": {**params["llm"]["embedder"]}}
+    llm["embedder"]["input_embedding"] = jax.jit(structured, out_shardings=embedding.sharding)(
+        embedding
+    )
+    img = {**params["img"], "pos_embedding": place(posemb, sincos)}
+    return {**params, "llm": llm, "img": img}
 
 
 def _check_tree(host: Any, target: Any, source: str) -> None:
@@ -193,6 +226,9 @@ def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
     paths = {split: split_jsonl(cfg, split) for split in splits}
     missing = [s for s, p in paths.items() if not os.path.isfile(p)]
     codec = None
+    generate = jax.process_index() == 0 and _synthetic_to_generate(cfg)
+    if generate:
+        missing = list(paths)  # New tiles: any JSONL there is of the old ones.
     if not missing and jax.process_index() == 0:
         codec = load_codec(cfg)
         reason = _stale_conversion(cfg, codec)
@@ -201,12 +237,12 @@ def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
             missing = list(paths)
     if missing and jax.process_index() == 0:
         codec = codec or load_codec(cfg)  # Fail on a missing codec before generating anything.
-        synthetic = cfg.data.synthetic
-        if synthetic.num_images > 0 and not os.path.isdir(cfg.data.images):
+        if generate:
             from paligemma_seg.data import synthetic as synthetic_lib
 
-            out = pathlib.Path(cfg.data.images).parent
-            synthetic_lib.generate(out, synthetic.num_images, synthetic.size, synthetic.seed)
+            logging.info("Generating tiles into %s: %s", _synthetic_dir(cfg), generate)
+            wanted = cfg.data.synthetic
+            synthetic_lib.generate(_synthetic_dir(cfg), wanted.num_images, wanted.size, wanted.seed)
         _convert(cfg, codec)
     if missing and jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -219,6 +255,27 @@ def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
             f"({sorted(cfg.data.splits.to_dict())}) names the splits {list(splits)}."
         )
     return paths
+
+
+def _synthetic_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
+    return pathlib.Path(cfg.data.images).parent
+
+
+def _synthetic_to_generate(cfg: ml_collections.ConfigDict) -> str:
+    """Why generated tiles must be (re)made ('' = not): data.images is missing, or was generated
+    with other data.synthetic settings. A folder not made by the generator is never touched."""
+    wanted = cfg.data.synthetic
+    if wanted.num_images <= 0:
+        return ""
+    if not os.path.isdir(cfg.data.images):
+        return f"{cfg.data.images} does not exist"
+    from paligemma_seg.data import synthetic as synthetic_lib
+
+    made = synthetic_lib.read_manifest(_synthetic_dir(cfg))
+    want = synthetic_lib.manifest(wanted.num_images, wanted.size, wanted.seed)
+    if made is not None and made != want:
+        return f"it holds {made}, the config asks for {want}"
+    return ""
 
 
 def _stale_conversion(cfg: ml_collections.ConfigDict, codec: Any) -> str:

@@ -9,14 +9,20 @@ mask because it is still visible; water under thick clouds does not. Tile i depe
     python -m paligemma_seg.data.synthetic --out data/synthetic --num 200 --size 128 --seed 0
 
 writes `images/synth_00000.jpg` (RGB JPEG), `masks/synth_00000.png` (grey 0/255, exact) and
-`train_images.txt`/`test_images.txt` (every 10th tile is a test tile), the water data set's layout.
+`train_images.txt`/`test_images.txt` (every 10th tile is a test tile), the water data set's layout,
+and `synthetic.json` (num_images, size, seed) last, once the set is complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import multiprocessing
+import os
 import pathlib
+import shutil
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -249,26 +255,77 @@ def tile_name(index: int) -> str:
     return f"synth_{index:05d}"
 
 
+MANIFEST = "synthetic.json"  # written last: its presence means the set is complete
+
+
+def _write_tile(task: tuple[str, int, int, int]) -> str:
+    """Renders and writes tile `index` into `out` (a worker's job); returns its image name."""
+    out, seed, index, size = task
+    image, mask = render_tile(seed, index, size)
+    name = tile_name(index)
+    Image.fromarray(image).save(os.path.join(out, "images", f"{name}.jpg"), quality=92)
+    Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out, "masks", f"{name}.png"))
+    return f"{name}.jpg"
+
+
+def manifest(num_images: int, size: int, seed: int) -> dict[str, int]:
+    """What `generate` writes to MANIFEST; equal manifests mean identical tile sets."""
+    return {"num_images": int(num_images), "size": int(size), "seed": int(seed)}
+
+
+def read_manifest(out_dir: str | pathlib.Path) -> dict[str, int] | None:
+    """The MANIFEST of a generated set, or None (not generated here, or interrupted)."""
+    try:
+        return json.loads((pathlib.Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def generate(
-    out_dir: str | pathlib.Path, num_images: int, size: int = 128, seed: int = 0
+    out_dir: str | pathlib.Path,
+    num_images: int,
+    size: int = 128,
+    seed: int = 0,
+    workers: int | None = None,
 ) -> list[str]:
-    """Writes `num_images` tiles into `out_dir` (layout: module docstring); returns image names."""
+    """Writes `num_images` tiles into `out_dir` (layout: module docstring); returns image names.
+
+    Atomic: tiles go to a temporary sibling folder renamed to `out_dir` when complete (an
+    existing `out_dir` is replaced then), so an interrupted run leaves no half-written set.
+    `workers` processes render in parallel (default: the CPU cores); the tiles do not depend on it.
+    """
     if num_images < 1 or size < 16:
         raise ValueError(f"need num_images >= 1 and size >= 16, got {num_images} and {size}")
     out = pathlib.Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "masks").mkdir(parents=True, exist_ok=True)
-    names = []
-    for index in tqdm(range(num_images), desc="generating tiles", unit="tile", leave=False):
-        image, mask = render_tile(seed, index, size)
-        name = tile_name(index)
-        Image.fromarray(image).save(out / "images" / f"{name}.jpg", quality=92)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(out / "masks" / f"{name}.png")
-        names.append(f"{name}.jpg")
-    test = [n for i, n in enumerate(names) if i % TEST_EVERY == TEST_EVERY - 1]
-    train = [n for i, n in enumerate(names) if i % TEST_EVERY != TEST_EVERY - 1]
-    (out / "train_images.txt").write_text("".join(f"{n}\n" for n in train))
-    (out / "test_images.txt").write_text("".join(f"{n}\n" for n in test))
+    if out.exists() and read_manifest(out) is None and any(out.iterdir()):
+        raise ValueError(
+            f"{out} exists and was not written by this generator (no {MANIFEST}); it is left "
+            "alone: choose another output folder or remove it."
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        tasks = [(str(tmp), seed, index, size) for index in range(num_images)]
+        workers = min(workers or min(os.cpu_count() or 1, num_images // 64 or 1), num_images)
+        progress = dict(total=num_images, desc="generating tiles", unit="tile", leave=False)
+        if workers == 1:
+            names = [_write_tile(task) for task in tqdm(tasks, **progress)]
+        else:  # spawn: safe in a process that has already started JAX or TF threads.
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                names = list(tqdm(pool.imap(_write_tile, tasks, chunksize=32), **progress))
+        test = [n for i, n in enumerate(names) if i % TEST_EVERY == TEST_EVERY - 1]
+        train = [n for i, n in enumerate(names) if i % TEST_EVERY != TEST_EVERY - 1]
+        (tmp / "train_images.txt").write_text("".join(f"{n}\n" for n in train))
+        (tmp / "test_images.txt").write_text("".join(f"{n}\n" for n in test))
+        (tmp / MANIFEST).write_text(json.dumps(manifest(num_images, size, seed)) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return names
 
 
@@ -278,8 +335,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num", type=int, default=200, help="number of tiles")
     parser.add_argument("--size", type=int, default=128, help="tile side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, help="worker processes (default: CPU cores)")
     args = parser.parse_args(argv)
-    names = generate(args.out, args.num, args.size, args.seed)
+    names = generate(args.out, args.num, args.size, args.seed, args.workers)
     print(f"wrote {len(names)} tiles of {args.size}px to {args.out}")
 
 
