@@ -12,11 +12,12 @@ Recipe (issue 7): one object per tile (`codec.whole_mask`: a box over all water 
 so every answer has the same short form and seq_len is 32; AdamW 1e-3, 50 warmup steps, cosine;
 `model.structured_init` (sincos2d image position embeddings, <loc> rows smooth in the bin, <seg>
 rows from the codec's codebook; paligemma_seg/scratch_init.py).
-Measured (seed 0, 2 idle CPU cores): 10.1 min wall including generation; test mIoU 0.718 (1,200
-tiles), valid outputs 100%, codec ceiling 0.909, below issue 7's goal of 0.80. Per kind of tile:
-no water 0.98, coasts 0.83, lakes 0.75, lakes + river 0.68, rivers 0.32 (ceiling 0.81): thin
-curved rivers are what the model has not learned in 10 minutes. Validation loss 3.17 (step 350)
--> 2.72 (1400). At 500 steps on 4,000 tiles: 0.576 with plain random init, 0.634 structured.
+Measured (seed 0, fresh clone, 2 idle CPU cores): 10.5 min wall including pip install and
+generation; test mIoU 0.713 (1,200 tiles), valid outputs 100%, codec ceiling 0.909, below issue
+7's goal of 0.80. Per kind of tile: no water 0.98, coasts 0.82, lakes 0.75, lakes + river 0.67,
+rivers 0.32 (ceiling 0.81; 0.81 over the tiles without a river): thin curved rivers are what the
+model has not learned in 10 minutes. Validation loss 3.19 (step 350) -> 2.73 (1400).
+At 500 steps on 4,000 tiles: 0.576 with plain random init, 0.634 structured.
 
 On the real water images instead (from scratch, 164 training / 21 test images):
     python -m paligemma_seg.train --config configs/water_tiny.py \
