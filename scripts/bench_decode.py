@@ -31,20 +31,13 @@ from paligemma_seg.model import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipC
 from paligemma_seg.weights import params_from_hf_state_dict  # noqa: E402
 
 VISION = dict(width=256, depth=4, mlp_dim=1024, num_heads=4, patch_size=14, image_size=112)
-LLM = dict(width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64, vocab=2304)
+LLM = dict(  # GemmaConfig fields
+    width=512, depth=4, mlp_dim=2048, num_heads=8, num_kv_heads=1, head_dim=64, vocab_size=2304
+)
 
 
 def our_config() -> PaliGemmaConfig:
-    llm = GemmaConfig(
-        width=LLM["width"],
-        depth=LLM["depth"],
-        mlp_dim=LLM["mlp_dim"],
-        num_heads=LLM["num_heads"],
-        num_kv_heads=LLM["num_kv_heads"],
-        head_dim=LLM["head_dim"],
-        vocab_size=LLM["vocab"],
-    )
-    return PaliGemmaConfig(vision=SiglipConfig(**VISION), llm=llm)
+    return PaliGemmaConfig(vision=SiglipConfig(**VISION), llm=GemmaConfig(**LLM))
 
 
 def hf_config() -> transformers.PaliGemmaConfig:
@@ -59,7 +52,7 @@ def make_inputs(batch: int, prompt_len: int, seed: int = 0) -> dict[str, np.ndar
     side = VISION["image_size"]
     return {
         "image": rng.uniform(-1, 1, (batch, side, side, 3)).astype(np.float32),
-        "text": rng.integers(3, LLM["vocab"], (batch, prompt_len)).astype(np.int32),
+        "text": rng.integers(3, LLM["vocab_size"], (batch, prompt_len)).astype(np.int32),
         "mask_ar": np.zeros((batch, prompt_len), np.int32),
         "mask_input": np.ones((batch, prompt_len), np.int32),
     }
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_s, ours = time_best(lambda: jax.block_until_ready(fn(params, inputs).tokens), args.repeats)
 
     num_image = our_config().num_image_tokens
-    image_ids = np.full((args.batch, num_image), LLM["vocab"], np.int64)
+    image_ids = np.full((args.batch, num_image), LLM["vocab_size"], np.int64)
     hf_inputs = {
         "input_ids": torch.from_numpy(np.concatenate([image_ids, inputs["text"]], 1)),
         "attention_mask": torch.ones(args.batch, num_image + args.prompt_len, dtype=torch.long),
