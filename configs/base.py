@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.overrides.dtype = "bfloat16"  # Compute dtype: 'float32' or 'bfloat16'.
     c.model.overrides.param_dtype = "float32"  # Parameter storage: f32 master copies.
     c.model.overrides.remat = False  # Recompute each block in the backward pass (less memory).
+    c.model.overrides.scan_layers = True  # lax.scan over blocks; False unrolls (faster step).
     # Random init only: sincos2d image position embeddings, <loc> rows smooth in the bin, <seg> rows
     # from the codec's codebook (paligemma_seg/scratch_init.py). For training from scratch.
     c.model.structured_init = False
@@ -96,6 +97,11 @@ def get_config() -> ml_collections.ConfigDict:
     # in paths like 'llm/layers/mlp/linear'. The others are frozen: no gradient, no optimizer state.
     c.optim.trainable = "attn"
     c.optim.frozen_dtype = "bfloat16"  # Storage of frozen parameters; '' = as loaded/initialised.
+
+    # --- Training loss (paligemma_seg.soft_targets); validation loss is always plain CE ---
+    c.loss = ml_collections.ConfigDict()
+    c.loss.loc_sigma = 0.0  # > 0: Gaussian soft targets over <loc> bins, this wide (in bins).
+    c.loss.seg_temperature = 0.0  # > 0: soft <seg> targets by codebook distance (see module).
 
     # --- Device mesh (paligemma_seg.sharding) ---
     c.mesh = ml_collections.ConfigDict()

@@ -204,8 +204,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
         flag.restore()
     step = int(jax.device_get(state.step))
+    logging.info("Saving the checkpoint of step %d", step)
     s.checkpointer.save(step, checkpoint_tree(state, s.rng), checkpoint_meta(cfg, step))
     s.checkpointer.close()
+    logging.info("Checkpoint of step %d written", step)
     if step < cfg.total_steps:
         logging.info("Saved step %d after a stop request; rerun the same command to resume.", step)
         return {**last, "stopped_at": step}
@@ -253,6 +255,10 @@ def _loop(
                 print(f"PAUSED after step {step}", file=sys.stderr, flush=True)
                 while flag.signal is None:
                     time.sleep(0.05)
+    started = time.perf_counter()
+    batches.close()  # Stops the input pipeline's threads now, not whenever it is collected.
+    logging.info("Training stopped at step %d; input pipeline closed in %.1f s", step,
+                 time.perf_counter() - started)  # fmt: skip
     if step < total:
         logging.warning("Stop requested (signal %s) at step %d: saving.", flag.signal, step)
     return state, last

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from paligemma_seg import checkpoint, experiment, optim, sharding
+from paligemma_seg import checkpoint, experiment, optim, sharding, soft_targets
 from paligemma_seg.data import pipeline
 from paligemma_seg.model import logical_axes, param_shapes
 from paligemma_seg.train_step import TrainState, make_eval_step, make_train_step
@@ -84,8 +84,9 @@ def make_plan(cfg: ml_collections.ConfigDict, mesh: Any) -> Plan:
     )
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
     step_fn = make_train_step(
-        model, tx, schedule, mask, grad_accum=optim_cfg.grad_accum, rules=rules
-    )
+        model, tx, schedule, mask, grad_accum=optim_cfg.grad_accum, rules=rules,
+        soft=soft_targets.from_config(cfg),
+    )  # fmt: skip
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, batch_shardings, replicated),

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from paligemma_seg import optim
+from paligemma_seg import optim, soft_targets
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -40,27 +40,38 @@ class TrainState:
 
 
 def next_token_loss(
-    logits: jax.Array, text: jax.Array, mask_loss: jax.Array
+    logits: jax.Array,
+    text: jax.Array,
+    mask_loss: jax.Array,
+    soft: soft_targets.SoftTargets | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(summed cross-entropy float32[], supervised tokens float32[]) of a batch.
 
     logits float32[B, T, V] at text positions; text int32[B, T]; mask_loss int32[B, T] (1 =
     supervised).
-    Position t predicts token t + 1, so the weights are `mask_loss[:, 1:]`.
+    Position t predicts token t + 1, so the weights are `mask_loss[:, 1:]`. With `soft`, `<loc>`
+    and `<seg>` targets are soft (soft_targets.py); otherwise every target is one-hot.
     """
-    per_token = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1].astype(jnp.float32), text[:, 1:]
-    )
+    if soft is None:
+        per_token = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1].astype(jnp.float32), text[:, 1:]
+        )
+    else:
+        per_token = soft_targets.soft_cross_entropy(logits[:, :-1], text[:, 1:], soft)
     weights = mask_loss[:, 1:].astype(jnp.float32)
     return jnp.sum(per_token * weights), jnp.sum(weights)
 
 
 def _forward_loss(
-    model: nn.Module, params: Any, batch: Batch, rules: Sequence[Any]
+    model: nn.Module,
+    params: Any,
+    batch: Batch,
+    rules: Sequence[Any],
+    soft: soft_targets.SoftTargets | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     with nn.logical_axis_rules(rules):
         logits = model.apply({"params": params}, *(batch[k] for k in _MODEL_INPUTS))
-    return next_token_loss(logits, batch["text"], batch["mask_loss"])
+    return next_token_loss(logits, batch["text"], batch["mask_loss"], soft)
 
 
 def _micro_batches(batch: Batch, count: int, rules: Sequence[Any]) -> Batch:
@@ -83,13 +94,15 @@ def make_train_step(
     *,
     grad_accum: int = 1,
     rules: Sequence[Any] = (),
+    soft: soft_targets.SoftTargets | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
     `trainable`: bool tree from `optim.trainable_mask`. `rng` is the run's base key; a step would
     fold in its number (PaliGemma has no dropout, so it is unused but kept for stochastic layers).
-    Metrics (float32 scalars): loss, lr, grad_norm (before clipping), param_norm and update_norm
-    (of the trainable parameters), supervised_tokens.
+    `soft`: soft `<loc>`/`<seg>` targets for the training loss (`soft_targets.from_config`); the
+    loss metric is then that soft cross-entropy. Metrics (float32 scalars): loss, lr, grad_norm
+    (before clipping), param_norm and update_norm (of the trainable parameters), supervised_tokens.
     """
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
@@ -97,7 +110,8 @@ def make_train_step(
         train_params, frozen = optim.split_params(state.params, trainable)
 
         def loss_sum(train_params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-            return _forward_loss(model, optim.merge_params(train_params, frozen), batch, rules)
+            params = optim.merge_params(train_params, frozen)
+            return _forward_loss(model, params, batch, rules, soft)
 
         grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
         if grad_accum == 1:
