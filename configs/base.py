@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.overrides.remat = False  # Recompute each block in the backward pass (less memory).
     c.model.overrides.scan_layers = True  # lax.scan over blocks; False unrolls (faster step).
     # Random init only: sincos2d image position embeddings, <loc> rows smooth in the bin, <seg> rows
-    # from the codec's codebook (paligemma_seg/scratch_init.py). For training from scratch.
+    # from the codec's codebook (paligemma_seg/model/scratch_init.py). For training from scratch.
     c.model.structured_init = False
 
     # --- Tokenizer ---
@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.trainable = "attn"
     c.optim.frozen_dtype = "bfloat16"  # Storage of frozen parameters; '' = as loaded/initialised.
 
-    # --- Training loss (paligemma_seg.soft_targets); validation loss is always plain CE ---
+    # --- Training loss (paligemma_seg.train.loss); validation loss is always plain CE ---
     c.loss = ml_collections.ConfigDict()
     c.loss.loc_sigma = 0.0  # > 0: Gaussian soft targets over <loc> bins, this wide (in bins).
     c.loss.seg_temperature = 0.0  # > 0: soft <seg> targets by codebook distance (see module).

@@ -11,8 +11,8 @@ contact_sheet.png and metrics.jsonl:
 Recipe (issue 7): one object per tile (`codec.whole_mask`: a box over all water + 16 mask tokens),
 so every answer has the same short form and seq_len is 32; AdamW 6e-4, 50 warmup steps, cosine;
 `model.structured_init` (sincos2d image position embeddings, <loc> rows smooth in the bin, <seg>
-rows from the codec's codebook; paligemma_seg/scratch_init.py); soft <loc>/<seg> targets
-(`loss.*`, paligemma_seg/soft_targets.py); unrolled layers.
+rows from the codec's codebook; paligemma_seg/model/scratch_init.py); soft <loc>/<seg> targets
+(`loss.*`, paligemma_seg/train/loss.py); unrolled layers.
 Measured (seed 0, fresh clone, 2 idle CPU cores): 9.5 min wall including pip install and
 generation, ~58 examples/s; test mIoU 0.747 (1,200 tiles), valid outputs 100%, codec ceiling
 0.909, below issue 7's goal of 0.80. Per kind of tile: no water 1.00, coasts 0.83, lakes 0.77,
@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.overrides.llm.head_dim = 64
     c.model.overrides.llm.vocab_size = 2176  # = checkpoints/tokenizer_small.model's vocabulary.
 
-    c.loss.loc_sigma = 8.0  # Soft <loc> targets: ~1 px of the 128 px tiles (soft_targets.py).
+    c.loss.loc_sigma = 8.0  # Soft <loc> targets: ~1 px of the 128 px tiles (train/loss.py).
     c.loss.seg_temperature = 0.02  # Soft <seg> targets: ~3 codes share the mass.
 
     c.tokenizer = "checkpoints/tokenizer_small.model"

@@ -1,202 +1,28 @@
-"""Scores a split: `python -m paligemma_seg.evaluate --config CFG --workdir DIR [--checkpoint P]
-[--split test]`, and `run_evaluation`, which training calls every `eval_steps`.
+"""`python -m paligemma_seg.evaluate --config CFG --workdir DIR [--checkpoint P] [--split test]`.
 
-Decodes every example of the split's JSONL (prompt = its prefix), turns each output into a mask at
-the ground truth's full resolution (the codec), compares it with the ground-truth mask file as
-evaluation reads it (`codec.reference_mask`) and writes into the workdir:
-  eval.json            miou (mean per-image IoU, empty vs empty = 1), ciou, dice, precision,
-                       recall (see `metrics.py`), valid_rate, object_count_mae/bias, ceiling_miou
-                       (the codec's own round trip on the same masks), num_images, step, timings;
-  eval_examples.jsonl  per image: output text, IoU, valid, object counts, ceiling IoU;
-  contact_sheet.png    image | ground truth | prediction, eval.contact_sheet_rows rows (and
-                       contact_sheet_step{STEP}.png when a step is given);
-  metrics.jsonl        (only with a step) one line {"step", "eval_miou", ...} for the curves.
-Weights (CLI): --checkpoint, else WORKDIR/checkpoints (newest), else WORKDIR/params.npz, else the
-config's `init`.
+Scores a split with `infer.evaluation.run_evaluation` (eval.json, eval_examples.jsonl, the contact
+sheet in the workdir) and prints the headline numbers as one JSON line. Weights: --checkpoint,
+else WORKDIR/checkpoints (newest), else WORKDIR/params.npz, else the config's `init`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import time
 from collections.abc import Sequence
-from typing import Any
 
 import jax
-import ml_collections
-import numpy as np
 
-from paligemma_seg import experiment, metrics, predict
-from paligemma_seg.segtokens import codec as codec_lib
-
-
-def _examples(cfg: ml_collections.ConfigDict, split: str) -> list[Any]:
-    """The split's JSONL examples (converted first if missing), at most eval.max_examples."""
-    from paligemma_seg.data import pipeline
-
-    path = experiment.split_jsonl(cfg, split)
-    if not os.path.isfile(path):
-        path = experiment.prepare_data(cfg, (split,))[split]
-    examples = pipeline.read_jsonl(path)
-    missing = [e.source for e in examples if not e.mask]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} examples of {path} have no 'mask' (first: {missing[0]}); evaluation "
-            "needs the ground-truth mask files: re-run the convert CLI."
-        )
-    limit = int(cfg.eval.max_examples)
-    return examples[:limit] if limit > 0 else examples
-
-
-def _display_path(path: str) -> str:
-    """Relative to the working directory when inside it, else absolute."""
-    relative = os.path.relpath(path)
-    return path if relative.startswith("..") else relative
-
-
-def _write_json(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
-
-
-def _contact_sheet(rows: list[tuple], workdir: str, step: int | None) -> str:
-    """contact_sheet.png (+ a per-step copy) of (image path, gt, prediction, IoU) rows."""
-    from paligemma_seg import visualize
-    from paligemma_seg.data import images as images_lib
-
-    sheet_rows = [
-        visualize.SheetRow(
-            image=images_lib.read_image(image).pixels,
-            gt_mask=gt,
-            pred_mask=prediction.mask,
-            pred_boxes=prediction.boxes,
-            caption=f"{os.path.basename(image)}  IoU {iou:.3f}"
-            + ("" if prediction.valid else "  (invalid output)"),
-        )
-        for image, gt, prediction, iou in rows
-    ]
-    sheet = visualize.contact_sheet(sheet_rows)
-    path = os.path.join(workdir, "contact_sheet.png")
-    sheet.save(path)
-    if step is not None:
-        sheet.save(os.path.join(workdir, f"contact_sheet_step{step:06d}.png"))
-    return path
-
-
-def _decode_chunk(segmenter: predict.Segmenter, chunk: list[Any]) -> tuple[list, list]:
-    """(ground-truth grey masks, predictions at the masks' sizes) of a batch of examples."""
-    from paligemma_seg.data import images as images_lib
-    from paligemma_seg.data import pipeline
-
-    greys = [images_lib.read_mask(e.mask).pixels for e in chunk]
-    inputs = np.stack([pipeline.load_image(e.image, segmenter.image_size) for e in chunk])
-    predictions: list[Any] = [None] * len(chunk)
-    for prompt in sorted({e.prefix for e in chunk}):  # one prompt per dataset in practice
-        rows = [i for i, e in enumerate(chunk) if e.prefix == prompt]
-        outputs = segmenter.predict_inputs(inputs[rows], [greys[i].shape for i in rows], prompt)
-        for row, output in zip(rows, outputs, strict=True):
-            predictions[row] = output
-    return greys, predictions
-
-
-def _score(
-    codec: Any, accumulator: metrics.SegmentationMetrics, example: Any, grey: Any, prediction: Any
-) -> dict[str, Any]:
-    """Adds one image to `accumulator`; returns its eval_examples.jsonl record."""
-    gt_objects = len(codec_lib.parse_suffix(example.suffix))
-    gt = codec.reference_mask(grey)
-    iou = accumulator.add(prediction.mask, gt, prediction.valid, prediction.objects, gt_objects)
-    return {
-        "image": _display_path(example.image),
-        "text": prediction.text,
-        "iou": iou,
-        "valid": prediction.valid,
-        "objects": prediction.objects,
-        "invalid_objects": prediction.invalid_objects,
-        "finished": prediction.finished,
-        "gt_objects": gt_objects,
-        "ceiling_iou": codec.ceiling_iou(grey),
-    }
-
-
-def run_evaluation(
-    cfg: ml_collections.ConfigDict,
-    model: Any,
-    params: Any,
-    workdir: str,
-    split: str,
-    step: int | None = None,
-) -> dict[str, Any]:
-    """Decodes and scores `split`; writes eval.json, eval_examples.jsonl and the contact sheet.
-
-    Every process decodes (parameters may be sharded over the mesh); process 0 writes the files.
-    Returns the eval.json dict.
-    """
-    start = time.perf_counter()
-    examples = _examples(cfg, split)
-    segmenter = predict.Segmenter(cfg, model, params)
-    accumulator = metrics.SegmentationMetrics()
-    records, sheet_rows = [], []
-    decode_seconds = 0.0
-    for first in range(0, len(examples), segmenter.batch_size):
-        chunk = examples[first : first + segmenter.batch_size]
-        tick = time.perf_counter()
-        greys, predictions = _decode_chunk(segmenter, chunk)
-        decode_seconds += time.perf_counter() - tick
-        for example, grey, prediction in zip(chunk, greys, predictions, strict=True):
-            record = _score(segmenter.codec, accumulator, example, grey, prediction)
-            records.append(record)
-            if len(sheet_rows) < int(cfg.eval.contact_sheet_rows):
-                gt = segmenter.codec.reference_mask(grey)
-                sheet_rows.append((example.image, gt, prediction, record["iou"]))
-    result = {
-        "split": split,
-        "step": step,
-        **accumulator.result(),
-        "ceiling_miou": float(np.mean([r["ceiling_iou"] for r in records])) if records else 0.0,
-        "invalid_objects": int(sum(r["invalid_objects"] for r in records)),
-        "constrained": bool(cfg.decode.constrained),
-        "decode_seconds": decode_seconds,
-        "seconds": time.perf_counter() - start,
-    }
-    if jax.process_index() == 0:
-        _write_outputs(result, records, sheet_rows, workdir, step)
-    return result
-
-
-def _write_outputs(
-    result: dict[str, Any],
-    records: list[dict[str, Any]],
-    sheet_rows: list[tuple],
-    workdir: str,
-    step: int | None,
-) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    result["contact_sheet"] = _contact_sheet(sheet_rows, workdir, step) if sheet_rows else None
-    _write_json(os.path.join(workdir, "eval.json"), result)
-    with open(os.path.join(workdir, "eval_examples.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
-    if step is not None:
-        curve = {"step": step, **{f"eval_{k}": result[k] for k in metrics.METRIC_NAMES}}
-        with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
-            f.write(json.dumps(curve) + "\n")
-    logging.info(
-        "eval %s (step %s): mIoU %.4f cIoU %.4f valid %.3f ceiling %.4f on %d images -> %s",
-        result["split"], step, result["miou"], result["ciou"], result["valid_rate"],
-        result["ceiling_miou"], result["num_images"], workdir,
-    )  # fmt: skip
+from paligemma_seg import cli
+from paligemma_seg.infer import evaluation, segmenter
 
 
 def main(argv: Sequence[str]) -> int:
     """The CLI; returns the exit status (1: bad arguments or missing files)."""
-    predict.start_up()
+    cli.start_up()
     try:
-        values, positional = predict.parse_flags(
+        values, positional = cli.parse_flags(
             argv,
             [
                 ("workdir", "Where eval.json etc. go and weights are looked for."),
@@ -209,9 +35,11 @@ def main(argv: Sequence[str]) -> int:
         workdir = values.workdir or cfg.workdir
         if not workdir:
             raise ValueError("no workdir: pass --workdir DIR or set the config's `workdir`.")
-        model, params, mesh = predict.load_model(cfg, values.checkpoint, workdir)
+        model, params, mesh = segmenter.load_model(cfg, values.checkpoint, workdir)
         with jax.set_mesh(mesh):
-            result = run_evaluation(cfg, model, params, workdir, values.split or cfg.eval.split)
+            result = evaluation.run_evaluation(
+                cfg, model, params, workdir, values.split or cfg.eval.split
+            )
     except ValueError as error:
         logging.error("%s", error)
         return 1

@@ -1,18 +1,15 @@
-"""Turns an experiment ConfigDict into objects in one place: model, tokenizer, codec, weights, data.
+"""Turns an experiment ConfigDict into objects in one place: model, tokenizer, codec, weights.
 
 Every function here reads the config and fails early with a message that names the missing file,
 where it was expected and how to get it. Training, evaluation and prediction all build their objects
-through here; nothing else reads `cfg.model`, `cfg.tokenizer`, `cfg.codec`, `cfg.init` or the
-data-preparation keys.
+through here; nothing else reads `cfg.model`, `cfg.tokenizer`, `cfg.codec` or `cfg.init` (the data
+keys are read by `data/prepare.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import os
-import pathlib
 from typing import Any
 
 import jax
@@ -20,8 +17,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from paligemma_seg import checkpoint, optim
 from paligemma_seg.model import PaliGemma, PaliGemmaConfig, get_preset, init_params, param_shapes
+from paligemma_seg.weights import orbax
+from paligemma_seg.weights.spec import flatten
 
 _REAL_HELP = (
     'See the README section "With real weights", or run `python scripts/download_weights.py{args}` '
@@ -104,7 +102,7 @@ def check_init(cfg: ml_collections.ConfigDict) -> str:
         return ""
     if not epath.Path(cfg.init).exists():  # Local, or a bucket (gs://...).
         raise _missing("initial weights", cfg.init, "init", _download_args(cfg))
-    return "orbax" if checkpoint.is_orbax_checkpoint(cfg.init) else "weights"
+    return "orbax" if orbax.is_orbax_checkpoint(cfg.init) else "weights"
 
 
 def load_weights(cfg: ml_collections.ConfigDict, config: PaliGemmaConfig) -> dict[str, Any]:
@@ -119,7 +117,6 @@ def load_weights(cfg: ml_collections.ConfigDict, config: PaliGemmaConfig) -> dic
 
 def _as_overrides(config: PaliGemmaConfig) -> dict[str, Any]:
     """The full config as `weights.load` overrides, so the file must match it exactly."""
-    import dataclasses
 
     return {
         "vision": dataclasses.asdict(config.vision),
@@ -159,7 +156,7 @@ def initial_params(
             params = _structured_init(cfg, params)
         return params
     if kind == "orbax":
-        return checkpoint.restore_params(cfg.init, target)
+        return orbax.restore_params(cfg.init, target)
     host = load_weights(cfg, config)
     _check_tree(host, target, cfg.init)
     return jax.tree_util.tree_map(
@@ -173,7 +170,7 @@ def initial_params(
 
 def _structured_init(cfg: ml_collections.ConfigDict, params: dict[str, Any]) -> Any:
     """`params` with the structured tables of `scratch_init` (random init only)."""
-    from paligemma_seg import scratch_init
+    from paligemma_seg.model import scratch_init
 
     tokenizer, codec = load_tokenizer(cfg), load_codec(cfg)
     embedding = params["llm"]["embedder"]["input_embedding"]
@@ -203,123 +200,11 @@ def _structured_init(cfg: ml_collections.ConfigDict, params: dict[str, Any]) -> 
 
 def _check_tree(host: Any, target: Any, source: str) -> None:
     """Loaded parameters must have the model's tree and shapes."""
-    got = {k: tuple(v.shape) for k, v in optim.flatten(host).items()}
-    want = {k: tuple(v.shape) for k, v in optim.flatten(target).items()}
+    got = {k: tuple(v.shape) for k, v in flatten(host).items()}
+    want = {k: tuple(v.shape) for k, v in flatten(target).items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:6]
         raise ValueError(
             f"{source}: parameters do not match the model of config model.preset/overrides; first "
             f"differences (path, shape): {diff}."
         )
-
-
-def split_jsonl(cfg: ml_collections.ConfigDict, split: str) -> str:
-    """Path of `split`'s JSONL file (it may not exist yet; see `prepare_data`)."""
-    return os.path.join(cfg.data.jsonl_dir, f"{split}.jsonl")
-
-
-def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict[str, str]:
-    """Makes sure `splits` exist as JSONL: generates synthetic tiles, runs convert if needed.
-
-    Returns split -> JSONL path. Only process 0 writes; the others wait for it.
-    """
-    paths = {split: split_jsonl(cfg, split) for split in splits}
-    missing = [s for s, p in paths.items() if not os.path.isfile(p)]
-    codec = None
-    generate = jax.process_index() == 0 and _synthetic_to_generate(cfg)
-    if generate:
-        missing = list(paths)  # New tiles: any JSONL there is of the old ones.
-    if not missing and jax.process_index() == 0:
-        codec = load_codec(cfg)
-        reason = _stale_conversion(cfg, codec)
-        if reason:  # Converted with other settings: reconverting beats silently training on them.
-            logging.warning("Reconverting %s: %s", cfg.data.jsonl_dir, reason)
-            missing = list(paths)
-    if missing and jax.process_index() == 0:
-        codec = codec or load_codec(cfg)  # Fail on a missing codec before generating anything.
-        if generate:
-            from paligemma_seg.data import synthetic as synthetic_lib
-
-            logging.info("Generating tiles into %s: %s", _synthetic_dir(cfg), generate)
-            wanted = cfg.data.synthetic
-            synthetic_lib.generate(_synthetic_dir(cfg), wanted.num_images, wanted.size, wanted.seed)
-        _convert(cfg, codec)
-    if missing and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("prepare_data")
-    still = [p for p in paths.values() if not os.path.isfile(p)]
-    if still:
-        raise ValueError(
-            f"{', '.join(still)} not found after conversion; check that data.splits "
-            f"({sorted(cfg.data.splits.to_dict())}) names the splits {list(splits)}."
-        )
-    return paths
-
-
-def _synthetic_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
-    return pathlib.Path(cfg.data.images).parent
-
-
-def _synthetic_to_generate(cfg: ml_collections.ConfigDict) -> str:
-    """Why generated tiles must be (re)made ('' = not): data.images is missing, or was generated
-    with other data.synthetic settings. A folder not made by the generator is never touched."""
-    wanted = cfg.data.synthetic
-    if wanted.num_images <= 0:
-        return ""
-    if not os.path.isdir(cfg.data.images):
-        return f"{cfg.data.images} does not exist"
-    from paligemma_seg.data import synthetic as synthetic_lib
-
-    made = synthetic_lib.read_manifest(_synthetic_dir(cfg))
-    want = synthetic_lib.manifest(wanted.num_images, wanted.size, wanted.seed)
-    if made is not None and made != want:
-        return f"it holds {made}, the config asks for {want}"
-    return ""
-
-
-def _stale_conversion(cfg: ml_collections.ConfigDict, codec: Any) -> str:
-    """Why data.jsonl_dir's report.json does not match this config ('' = it matches).
-
-    JSONL without a convert report (written by another tool) is trusted as it is.
-    """
-    report_path = os.path.join(cfg.data.jsonl_dir, "report.json")
-    try:
-        with open(report_path) as f:
-            settings = json.load(f).get("settings", {})
-    except (OSError, ValueError):
-        return ""
-    expected = {
-        "images": str(pathlib.Path(cfg.data.images).resolve()),
-        "masks": str(pathlib.Path(cfg.data.masks).resolve()),
-        "prefix": cfg.data.prefix,
-        "codec": dataclasses.asdict(codec.config),
-    }
-    changed = [key for key, value in expected.items() if settings.get(key) != value]
-    return f"settings changed: {', '.join(changed)}" if changed else ""
-
-
-def _convert(cfg: ml_collections.ConfigDict, codec: Any) -> None:
-    """Converts data.images/masks with paligemma_seg.data.convert and the config's codec."""
-    for key in ("images", "masks"):
-        if not os.path.isdir(cfg.data[key]):
-            raise ValueError(
-                f"data.{key} folder {cfg.data[key]} not found (expected at "
-                f"{os.path.abspath(cfg.data[key])}); point --config.data.{key} at it."
-            )
-    from paligemma_seg.data import convert
-
-    report = convert.convert(
-        cfg.data.images,
-        cfg.data.masks,
-        cfg.data.jsonl_dir,
-        cfg.data.splits.to_dict(),
-        prefix=cfg.data.prefix,
-        codec=codec,
-    )
-    logging.info(
-        "Converted %d image/mask pairs into %s (ceiling mIoU %s)",
-        len(report.get("images", [])),
-        cfg.data.jsonl_dir,
-        report.get("ceiling_miou"),
-    )

@@ -1,6 +1,6 @@
 """The device mesh and every partition rule: the only file that names mesh axes.
 
-Owns: joining a multi-host run (`initialize_distributed`), the mesh ('data', 'fsdp'), the rules
+Owns: the mesh ('data', 'fsdp'), the rules
 mapping the model's logical axis names (`paligemma_seg.model.logical_axes`) to mesh axes, and the
 shardings of parameters, optimizer state and batches. Knows nothing about the model or the optimizer
 beyond tree shapes.
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,52 +50,6 @@ RULES: dict[str, Rules] = {
     # Pure data parallelism: parameters replicated on every device, only the batch is split.
     "replicated": _ACTIVATIONS,
 }
-
-
-def _cloud_tpu_vm() -> bool:
-    """Whether this is a Cloud TPU VM (JAX's own check; private API, so failures mean no)."""
-    try:
-        from jax._src.clusters.cloud_tpu_cluster import running_in_cloud_tpu_vm
-    except ImportError:
-        return False
-    return bool(running_in_cloud_tpu_vm)
-
-
-def cluster_detected() -> bool:
-    """Whether the environment shows a multi-process launch that JAX can configure by itself."""
-    env = os.environ
-    return (
-        _cloud_tpu_vm()  # TPU pod slices: every host runs the same command.
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    )
-
-
-def initialize_distributed(
-    mode: str = "auto",
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> bool:
-    """Joins a multi-process run; returns whether `jax.distributed` was initialised.
-
-    mode 'auto': explicit arguments win (e.g. 'localhost:1234', 2, i for processes on one machine);
-    otherwise JAX's cluster auto-detection runs when `cluster_detected()` (Cloud TPU VM, SLURM with
-    several tasks, Open MPI). 'on': always initialise (JAX detects the rest, e.g. from
-    JAX_COORDINATOR_ADDRESS or a Kubernetes/mpi4py environment); 'off': never. Must run before
-    anything touches a JAX device.
-    """
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"--distributed={mode!r}; use auto, on or off.")
-    if mode == "off":
-        return False
-    if coordinator_address:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        return True
-    if mode == "on" or cluster_detected():
-        jax.distributed.initialize()
-        return True
-    return False
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, devices: Sequence[Any] | None = None) -> Mesh:

@@ -14,18 +14,15 @@ from collections.abc import Sequence
 import numpy as np
 import sentencepiece as spm
 
-NUM_LOC = 1024
-NUM_SEG = 128
-OBJECT_SEPARATOR = " ; "
+from paligemma_seg.segtokens.layout import (
+    NUM_CODES,
+    NUM_LOC_BINS,
+    OBJECT_SEPARATOR,
+    loc_token,
+    seg_token,
+)
+
 PREFIX_SEPARATOR = "\n"
-
-
-def _loc_piece(i: int) -> str:
-    return f"<loc{i:04d}>"
-
-
-def _seg_piece(i: int) -> str:
-    return f"<seg{i:03d}>"
 
 
 class Tokenizer:
@@ -48,8 +45,8 @@ class Tokenizer:
                 "PaliGemma needs pad, eos and bos (Gemma: 0, 1, 2). Use "
                 "paligemma_tokenizer.model or checkpoints/tokenizer_small.model."
             )
-        self.loc_ids = self._single_piece_ids([_loc_piece(i) for i in range(NUM_LOC)], "loc")
-        self.seg_ids = self._single_piece_ids([_seg_piece(i) for i in range(NUM_SEG)], "seg")
+        self.loc_ids = self._single_piece_ids([loc_token(i) for i in range(NUM_LOC_BINS)], "loc")
+        self.seg_ids = self._single_piece_ids([seg_token(i) for i in range(NUM_CODES)], "seg")
         newline = self.encode(PREFIX_SEPARATOR)
         if len(newline) != 1:
             raise ValueError(f"{source}: '\\n' must be one token (Gemma: 108), got {newline}.")
@@ -90,14 +87,14 @@ class Tokenizer:
 
     def loc_id(self, i: int) -> int:
         """Id of `<loc{i:04d}>`, i in [0, 1024)."""
-        if not 0 <= i < NUM_LOC:
-            raise ValueError(f"loc index {i} outside [0, {NUM_LOC})")
+        if not 0 <= i < NUM_LOC_BINS:
+            raise ValueError(f"loc index {i} outside [0, {NUM_LOC_BINS})")
         return int(self.loc_ids[i])
 
     def seg_id(self, i: int) -> int:
         """Id of `<seg{i:03d}>`, i in [0, 128)."""
-        if not 0 <= i < NUM_SEG:
-            raise ValueError(f"seg index {i} outside [0, {NUM_SEG})")
+        if not 0 <= i < NUM_CODES:
+            raise ValueError(f"seg index {i} outside [0, {NUM_CODES})")
         return int(self.seg_ids[i])
 
     def encode(self, text: str) -> list[int]:

@@ -26,8 +26,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from paligemma_seg import decode, weights_config  # noqa: E402
+from paligemma_seg.infer import decode  # noqa: E402
 from paligemma_seg.model import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig  # noqa: E402
+from paligemma_seg.weights import config as weights_config  # noqa: E402
 from paligemma_seg.weights import params_from_hf_state_dict  # noqa: E402
 
 VISION = dict(width=256, depth=4, mlp_dim=1024, num_heads=4, patch_size=14, image_size=112)

@@ -35,7 +35,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from paligemma_seg import optim  # noqa: E402
 from paligemma_seg.model import (  # noqa: E402
     GemmaConfig,
     PaliGemma,
@@ -43,7 +42,8 @@ from paligemma_seg.model import (  # noqa: E402
     SiglipConfig,
     init_params,
 )
-from paligemma_seg.train_step import TrainState, make_train_step  # noqa: E402
+from paligemma_seg.train import optim  # noqa: E402
+from paligemma_seg.train.step import TrainState, make_train_step  # noqa: E402
 
 BATCH, TEXT, SUFFIX, VOCAB = 8, 64, 48, 2304
 VISION = dict(width=256, depth=4, mlp_dim=1024, num_heads=4, patch_size=14, image_size=112)

@@ -52,8 +52,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from paligemma_seg import optim, sharding  # noqa: E402
-from paligemma_seg.train_setup import make_plan  # noqa: E402
+from paligemma_seg import sharding  # noqa: E402
+from paligemma_seg.train import optim  # noqa: E402
+from paligemma_seg.train.setup import make_plan  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.", lock_config=True)
 flags.DEFINE_integer("devices", 1, "Number of (fake CPU) devices of the mesh.")

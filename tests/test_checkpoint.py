@@ -21,7 +21,8 @@ from train_fixtures import (
     subprocess_env,
 )
 
-from paligemma_seg import checkpoint, train_loop
+from paligemma_seg.train import checkpoint
+from paligemma_seg.train import loop as train_loop
 
 
 def _state(value: float) -> dict:
@@ -138,7 +139,8 @@ def _target(params: dict, dtypes: dict | None = None) -> dict:
 def test_init_from_orbax_checkpoint_restores_trained_params(tmp_path_factory):
     from train_fixtures import tiny_config
 
-    from paligemma_seg import experiment, optim
+    from paligemma_seg import experiment
+    from paligemma_seg.train import optim
 
     base = tmp_path_factory.getbasetemp()
     reference = reference_run(base)

@@ -10,6 +10,7 @@ from PIL import Image
 from paligemma_seg.data import convert as convert_lib
 from paligemma_seg.data import images as image_io
 from paligemma_seg.data import synthetic
+from paligemma_seg.data.convert import __main__ as convert_cli
 from paligemma_seg.segtokens import codec as codec_lib
 from paligemma_seg.segtokens import vqvae
 
@@ -258,7 +259,7 @@ def test_convert_cli(tmp_path, mask_codec, monkeypatch, capsys):
     data = tmp_path / "data"
     synthetic.generate(data, num_images=5, size=32, seed=3)
     monkeypatch.setattr(convert_lib, "load_codec", lambda *a, **k: mask_codec)
-    code = convert_lib.main(
+    code = convert_cli.main(
         [
             "--images",
             str(data / "images"),
@@ -278,7 +279,7 @@ def test_convert_cli(tmp_path, mask_codec, monkeypatch, capsys):
     row = _jsonl(tmp_path / "out" / "train.jsonl")[0]
     assert pathlib.Path(row["image"]).is_absolute() and pathlib.Path(row["mask"]).suffix == ".png"
     with pytest.raises(SystemExit):
-        convert_lib.main(["--images", "a", "--masks", "b", "--out", "c", "--split", "train"])
+        convert_cli.main(["--images", "a", "--masks", "b", "--out", "c", "--split", "train"])
     assert "expected NAME=LIST_FILE" in capsys.readouterr().err
-    assert convert_lib.main(["--images", str(tmp_path / "none"), "--masks", "b", "--out", "c"]) == 2
+    assert convert_cli.main(["--images", str(tmp_path / "none"), "--masks", "b", "--out", "c"]) == 2
     assert "no such folder" in capsys.readouterr().err

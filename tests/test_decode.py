@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from paligemma_seg import decode, grammar
+from paligemma_seg.infer import decode, grammar
 from paligemma_seg.model import PaliGemma
 from paligemma_seg.weights import params_from_hf_state_dict
 

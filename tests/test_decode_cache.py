@@ -2,7 +2,7 @@
 
 A small jitted greedy loop (prefill, then `jax.lax.while_loop` over decode_step) runs on the tiny
 random checkpoints of `model_fixtures` (PaliGemma 1, and PaliGemma 2 with a sliding window of 8 that
-the decoded tokens run past). The decode loop of the project itself is `paligemma_seg/decode.py`.
+the decoded tokens run past). The decode loop of the project itself is `paligemma_seg/infer/decode.py`.
 """
 
 import functools

@@ -11,7 +11,7 @@ import sys
 
 from conftest import REPO_ROOT
 
-OPTIONAL = {"torch"}  # imported only when a torch tensor is passed in (weights_tree.as_numpy)
+OPTIONAL = {"torch"}  # imported only when a torch tensor is passed in (weights.spec.as_numpy)
 
 
 def _requirement_names(text: str) -> set[str]:

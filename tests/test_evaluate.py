@@ -9,7 +9,9 @@ import train_fixtures
 from PIL import Image
 from test_predict import tiny_model
 
-from paligemma_seg import evaluate, experiment, predict
+from paligemma_seg import evaluate, experiment
+from paligemma_seg.infer import evaluation
+from paligemma_seg.infer import segmenter as segmenter_lib
 
 SHAPES = [(40, 50), (64, 64), (30, 90), (80, 45), (50, 50), (33, 77)]
 FIELDS = (
@@ -82,7 +84,7 @@ def test_evaluate_cli_writes_eval_json_with_all_fields(setup, tmp_path):
     assert not list(tmp_path.glob("contact_sheet_step*.png"))  # no step given
 
 
-class _PerfectSegmenter(predict.Segmenter):
+class _PerfectSegmenter(segmenter_lib.Segmenter):
     """Answers each image with its ground-truth suffix, in file order."""
 
     answers: list[str] = []
@@ -98,8 +100,8 @@ class _PerfectSegmenter(predict.Segmenter):
 def test_run_evaluation_scores_perfect_answers_at_the_codec_ceiling(setup, tmp_path, monkeypatch):
     cfg, model, params, _, rows = setup
     _PerfectSegmenter.answers = [row["suffix"] for row in rows]
-    monkeypatch.setattr(predict, "Segmenter", _PerfectSegmenter)
-    result = evaluate.run_evaluation(cfg, model, params, str(tmp_path), "test", step=7)
+    monkeypatch.setattr(segmenter_lib, "Segmenter", _PerfectSegmenter)
+    result = evaluation.run_evaluation(cfg, model, params, str(tmp_path), "test", step=7)
     assert result["miou"] == pytest.approx(result["ceiling_miou"])
     assert result["valid_rate"] == 1.0 and result["object_count_mae"] == 0.0
     assert result["step"] == 7
@@ -118,4 +120,4 @@ def test_run_evaluation_needs_mask_paths(setup, tmp_path):
     jsonl = pathlib.Path(cfg.data.jsonl_dir) / "nomask.jsonl"
     jsonl.write_text(json.dumps({k: v for k, v in rows[0].items() if k != "mask"}) + "\n")
     with pytest.raises(ValueError, match="no 'mask'"):
-        evaluate.run_evaluation(cfg, model, params, str(tmp_path), "nomask")
+        evaluation.run_evaluation(cfg, model, params, str(tmp_path), "nomask")

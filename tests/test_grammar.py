@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from paligemma_seg import grammar
+from paligemma_seg.infer import grammar
 
 VOCAB = 1200
 EOS = 1
@@ -207,13 +207,13 @@ def test_grammar_rejects_special_ids_in_label():
 
 @pytest.mark.parametrize("label", ["water", "body of water"])
 def test_grammar_from_small_tokenizer_reads_label_and_separator(label):
-    from paligemma_seg import predict
+    from paligemma_seg.infer import segmenter as segmenter_lib
     from paligemma_seg.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(
         pathlib.Path(__file__).parents[1] / "checkpoints" / "tokenizer_small.model"
     )
-    suffix = predict.example_suffix(label)
+    suffix = segmenter_lib.example_suffix(label)
     mid, end = grammar.split_suffix_tokens(
         tokenizer.encode(suffix), tokenizer.loc_ids, tokenizer.seg_ids
     )

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from paligemma_seg import model as pg
-from paligemma_seg import weights_hf, weights_tree
+from paligemma_seg import weights
+from paligemma_seg.weights import hf as weights_hf
+from paligemma_seg.weights import spec as weights_tree
 
 FP32_TOLERANCE = 1e-4
 BF16_TOLERANCE = 0.1  # Max-abs vs transformers in bf16; both round differently (see the docstring).
@@ -33,7 +35,7 @@ def _load_tiny(version, tmp_path_factory):
         hf_model.save_pretrained(directory)
         expected = fx.our_tiny_config(version)
         # Sizes come from the shapes; the tiny soft-caps/window are no preset's, so pass them.
-        model, params = pg.load(
+        model, params = weights.load(
             directory,
             compat="transformers",
             llm=dict(

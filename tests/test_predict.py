@@ -16,6 +16,7 @@ import train_fixtures
 from PIL import Image
 
 from paligemma_seg import experiment, predict, weights
+from paligemma_seg.infer import segmenter as segmenter_lib
 from paligemma_seg.model import param_shapes
 from paligemma_seg.segtokens import vqvae
 
@@ -75,7 +76,7 @@ def tiny_model(root: pathlib.Path):
     """(cfg, model, params, weights .npz) with random weights, built once per session."""
     cfg = inference_config(root)
     npz = write_random_weights(experiment.model_config(cfg), root / "random_weights.npz")
-    model, params, _ = predict.load_model(cfg, str(npz))
+    model, params, _ = segmenter_lib.load_model(cfg, str(npz))
     return cfg, model, params, npz
 
 
@@ -147,7 +148,7 @@ def test_constrained_outputs_always_decode_valid_unlike_free_decoding(tiny, caps
         "sampled, no grammar": {"decode.constrained": False, "decode.temperature": 1.0},
     }.items():
         variant = inference_config(pathlib.Path(cfg.data.jsonl_dir), **overrides)
-        segmenter = predict.Segmenter(variant, model, params)
+        segmenter = segmenter_lib.Segmenter(variant, model, params)
         predictions = segmenter.predict_images(images, "segment water")
         rates[name] = 1 - np.mean([p.valid for p in predictions])
         if variant.decode.constrained:
@@ -163,20 +164,20 @@ def test_constrained_outputs_always_decode_valid_unlike_free_decoding(tiny, caps
 
 def test_grammar_is_off_for_other_prompts(tiny):
     cfg, model, params, _ = tiny
-    segmenter = predict.Segmenter(cfg, model, params)
+    segmenter = segmenter_lib.Segmenter(cfg, model, params)
     assert segmenter._decoding("segment water")[1] is not None
     assert segmenter._decoding("caption en")[1] is None
-    assert predict.is_segmentation_prompt("  Segment the lake")
+    assert segmenter_lib.is_segmentation_prompt("  Segment the lake")
 
 
 def test_params_source_order(tmp_path):
     cfg = inference_config(tmp_path)
-    assert predict.params_source(cfg, None, str(tmp_path)) == ""
+    assert segmenter_lib.params_source(cfg, None, str(tmp_path)) == ""
     (tmp_path / "params.npz").write_bytes(b"")
-    assert predict.params_source(cfg, None, str(tmp_path)) == str(tmp_path / "params.npz")
-    assert predict.params_source(cfg, str(tmp_path), None) == str(tmp_path)
+    assert segmenter_lib.params_source(cfg, None, str(tmp_path)) == str(tmp_path / "params.npz")
+    assert segmenter_lib.params_source(cfg, str(tmp_path), None) == str(tmp_path)
     with pytest.raises(ValueError, match="not found"):
-        predict.params_source(cfg, str(tmp_path / "missing"), None)
+        segmenter_lib.params_source(cfg, str(tmp_path / "missing"), None)
 
 
 SHARDED_SCRIPT = """
@@ -184,15 +185,15 @@ import json, pathlib, sys
 sys.path.insert(0, "tests")
 import jax, numpy as np
 import test_predict as tp
-from paligemma_seg import predict
+from paligemma_seg.infer import segmenter as segmenter_lib
 
 cfg, model, params, _ = tp.tiny_model(pathlib.Path(sys.argv[1]))
 specs = {str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(params)}
 images = tp.random_images(6)
-with jax.set_mesh(predict._mesh_of(params)):
-    sharded = predict.Segmenter(cfg, model, params).predict_images(images, "segment water")
+with jax.set_mesh(segmenter_lib._mesh_of(params)):
+    sharded = segmenter_lib.Segmenter(cfg, model, params).predict_images(images, "segment water")
 local = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), jax.devices()[0]), params)
-single = predict.Segmenter(cfg, model, local).predict_images(images, "segment water")
+single = segmenter_lib.Segmenter(cfg, model, local).predict_images(images, "segment water")
 print(json.dumps({"devices": jax.device_count(), "fsdp": any("fsdp" in s for s in specs),
                   "sharded": [p.text for p in sharded], "single": [p.text for p in single]}))
 """

@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
-from test_experiment import _tiny_config
+from test_prepare import _tiny_config
 
-from paligemma_seg import experiment, scratch_init
+from paligemma_seg import experiment
+from paligemma_seg.model import scratch_init
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

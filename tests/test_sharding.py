@@ -20,8 +20,9 @@ from train_fixtures import (
     subprocess_env,
 )
 
-from paligemma_seg import optim, sharding
+from paligemma_seg import sharding
 from paligemma_seg.model import get_preset, logical_axes, param_shapes, tiny_config
+from paligemma_seg.train import optim
 
 # 8 devices vs 1 device: same data, same math, only the reduction order differs (float32).
 RTOL, ATOL = 1e-5, 1e-6

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from paligemma_seg import soft_targets
-from paligemma_seg.train_step import next_token_loss
+from paligemma_seg.train import loss as soft_targets
+from paligemma_seg.train.loss import next_token_loss
 
 # A toy vocabulary of 20 ids: ids 4..11 are 8 <loc> bins, ids 14..16 are 3 <seg> codes.
 VOCAB = 20
@@ -135,8 +135,9 @@ def test_plan_trains_on_the_configured_soft_loss(tmp_path) -> None:
     """The jitted step of `make_plan` reports the soft loss of its batch, not the plain one."""
     from train_fixtures import tiny_config, write_dataset
 
-    from paligemma_seg import sharding, train_setup
+    from paligemma_seg import sharding
     from paligemma_seg.model import init_params
+    from paligemma_seg.train import setup as train_setup
 
     cfg = tiny_config(
         write_dataset(tmp_path), **{"loss.loc_sigma": 3.0, "loss.seg_temperature": 0.1}

@@ -8,6 +8,7 @@ from PIL import Image
 from scipy import ndimage
 
 from paligemma_seg.data import synthetic
+from paligemma_seg.data.synthetic import __main__ as synthetic_cli
 
 
 def _files(folder):
@@ -112,7 +113,7 @@ def test_regeneration_replaces_own_set_but_never_a_foreign_folder(tmp_path):
 
 
 def test_synthetic_cli(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--num", "3", "--size", "32", "--seed", "5"])
+    synthetic_cli.main(["--out", str(tmp_path), "--num", "3", "--size", "32", "--seed", "5"])
     assert "wrote 3 tiles" in capsys.readouterr().out
     assert len(list((tmp_path / "images").iterdir())) == 3
     assert len(list((tmp_path / "masks").iterdir())) == 3

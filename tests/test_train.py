@@ -16,9 +16,9 @@ import pytest
 import torch
 from train_fixtures import REPO, load_config, read_metrics, read_params, reference_run
 
-from paligemma_seg import experiment, optim, weights
+from paligemma_seg import experiment, weights
 from paligemma_seg.model import PaliGemma, init_params, tiny_config
-from paligemma_seg.train import TrainState, make_train_step, next_token_loss
+from paligemma_seg.train import TrainState, make_train_step, next_token_loss, optim
 
 CONFIGS = ("base", "water_224", "water_448", "water_pg2_224", "water_tiny")
 
@@ -299,7 +299,7 @@ def test_train_run_water_224_recipe_bf16_with_frozen_bf16_weights(tmp_path_facto
     trained weights, frozen weights stored in bf16 (also in the exported npz)."""
     from train_fixtures import reference_data, tiny_config
 
-    from paligemma_seg import train_loop
+    from paligemma_seg.train import loop as train_loop
 
     base = tmp_path_factory.getbasetemp()
     workdir = tmp_path_factory.mktemp("bf16_recipe")

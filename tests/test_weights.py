@@ -26,15 +26,19 @@ from model_fixtures import (
     published_hf_config,
 )
 
-from paligemma_seg import weights, weights_hf, weights_hf_convert, weights_safetensors
+from paligemma_seg import weights
 from paligemma_seg.model.config import get_preset
 from paligemma_seg.weights import WeightsError
-from paligemma_seg.weights_config import (
+from paligemma_seg.weights import __main__ as weights_cli
+from paligemma_seg.weights import hf as weights_hf
+from paligemma_seg.weights import hf_convert as weights_hf_convert
+from paligemma_seg.weights import safetensors as weights_safetensors
+from paligemma_seg.weights.config import (
     config_from_shapes,
     describe_fit,
     shapes_from_config,
 )
-from paligemma_seg.weights_tree import expected_shapes, flatten, unflatten
+from paligemma_seg.weights.spec import expected_shapes, flatten, unflatten
 
 VERSIONS = [1, 2]
 
@@ -603,18 +607,18 @@ def test_existing_destination_needs_overwrite(tiny_npz, tmp_path):
 
 
 def test_cli_info_and_convert_both_ways(tiny_npz, tmp_path, capsys):
-    assert weights.main(["info", str(tiny_npz)]) == 0
+    assert weights_cli.main(["info", str(tiny_npz)]) == 0
     printed = capsys.readouterr().out
     assert "PaliGemma 2" in printed and "dtype:      float32" in printed
     assert "parameters: " in printed and "preset:     none" in printed
-    assert weights.main(["convert", str(tiny_npz), str(tmp_path / "hf")]) == 0
-    assert weights.main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.npz")]) == 0
+    assert weights_cli.main(["convert", str(tiny_npz), str(tmp_path / "hf")]) == 0
+    assert weights_cli.main(["convert", str(tmp_path / "hf"), str(tmp_path / "back.npz")]) == 0
     _assert_trees_identical(
         weights.load_npz(tiny_npz)[0], weights.load_npz(tmp_path / "back.npz")[0]
     )
     capsys.readouterr()
-    assert weights.main(["info", str(tmp_path / "missing.npz")]) == 2
+    assert weights_cli.main(["info", str(tmp_path / "missing.npz")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no such checkpoint file") and "Traceback" not in err
-    assert weights.main(["convert", str(tiny_npz), str(tmp_path / "again.npz")]) == 2
+    assert weights_cli.main(["convert", str(tiny_npz), str(tmp_path / "again.npz")]) == 2
     assert "needs a directory (not *.npz) as destination" in capsys.readouterr().err

@@ -156,7 +156,7 @@ def reference_run(base: pathlib.Path) -> pathlib.Path:
     """The uninterrupted 6-step single-device run (in this process), computed once per `base`."""
     workdir = base / "reference_run"
     if not (workdir / "params.npz").exists():
-        from paligemma_seg import train_loop
+        from paligemma_seg.train import loop as train_loop
 
         train_loop.run(tiny_config(reference_data(base)), str(workdir))
     return workdir

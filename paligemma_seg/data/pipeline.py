@@ -10,7 +10,7 @@ Order: each epoch is a permutation of all examples seeded by (seed, epoch); glob
 positions [s*B, (s+1)*B) of the concatenated epochs. The order therefore depends on neither the
 number of hosts nor where a run was restarted: resuming at step s continues with batch s. Each
 process decodes only the rows of the global batch that its devices hold. TensorFlow is kept off
-GPUs/TPUs (it is used for input only).
+GPUs/TPUs (it is used for input only; see `preprocess`).
 """
 
 from __future__ import annotations
@@ -27,12 +27,8 @@ import numpy as np
 import tensorflow as tf
 
 from paligemma_seg import tokenizer as tokenizer_lib
-
-for _kind in ("GPU", "TPU"):
-    try:
-        tf.config.set_visible_devices([], _kind)
-    except (RuntimeError, ValueError):  # No such device type, or TF already initialised.
-        pass
+from paligemma_seg.data import preprocess
+from paligemma_seg.data.preprocess import load_image as load_image  # re-exported
 
 BATCH_KEYS = ("image", "text", "mask_ar", "mask_loss", "mask_input")
 TEXT_KEYS = ("text", "mask_ar", "mask_loss", "mask_input")
@@ -127,18 +123,6 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, seq_len: int) -> Token
     )
 
 
-def preprocess_image(data: tf.Tensor, size: int) -> tf.Tensor:
-    """Encoded image bytes -> float32[size, size, 3] in [-1, 1] (bilinear: big_vision's resize)."""
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
-    image = tf.image.resize(tf.cast(image, tf.float32), (size, size), method="bilinear")
-    return image / 127.5 - 1.0
-
-
-def load_image(path: str, size: int) -> np.ndarray:
-    """One image file -> float32[size, size, 3] in [-1, 1], as the training pipeline sees it."""
-    return preprocess_image(tf.io.read_file(path), size).numpy()
-
-
 @functools.lru_cache(maxsize=4)
 def _epoch_order(num_examples: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     if not shuffle:
@@ -169,7 +153,7 @@ def _dataset(
 
     def load(index: tf.Tensor) -> dict[str, tf.Tensor]:
         example = {key: tf.gather(value, index) for key, value in text.items()}
-        example["image"] = preprocess_image(tf.io.read_file(tf.gather(paths, index)), size)
+        example["image"] = preprocess.from_bytes(tf.io.read_file(tf.gather(paths, index)), size)
         return example
 
     return indices.map(load, num_parallel_calls=parallel, deterministic=True)

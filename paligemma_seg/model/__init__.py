@@ -1,11 +1,10 @@
 """PaliGemma 1/2 in Flax Linen: configs, the model, its parameter tree and KV-cache decoding steps.
 
-Public names for other packages; `load` reads weight files through `paligemma_seg.weights`.
+Public names for other packages. Weight files are read by `paligemma_seg.weights` (`weights.load`),
+which builds on this package; nothing here reads files or imports another part of the project.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from paligemma_seg.model.config import (
     COMPATS,
@@ -25,14 +24,6 @@ from paligemma_seg.model.paligemma import (
     param_shapes,
 )
 
-
-def load(path: str, **overrides: Any) -> tuple[PaliGemma, dict[str, Any]]:
-    """(model, params) from a big_vision .npz or a Hugging Face directory; see `weights.load`."""
-    from paligemma_seg import weights  # Imported here: weights.py imports this package.
-
-    return weights.load(path, **overrides)
-
-
 __all__ = [
     "COMPATS",
     "PRESETS",
@@ -43,7 +34,6 @@ __all__ = [
     "SiglipConfig",
     "get_preset",
     "init_params",
-    "load",
     "logical_axes",
     "make_attn_mask",
     "param_shapes",

@@ -1,7 +1,7 @@
 """PaliGemma: image tokens before the text, a prefix-LM mask from `mask_ar`, text logits; KV cache.
 
 Owns the sequence layout, attention masks, positions and the decoding cache; not the decode loop
-(`paligemma_seg/decode.py`) nor weight files (`paligemma_seg/weights.py`).
+(`paligemma_seg/infer/decode.py`) nor weight files (`paligemma_seg/weights/`).
 Shapes: B batch, N image tokens, T text tokens, L = N + T, S cache slots, V vocabulary, D LLM
 width, K kv heads, H head dim. dtype policy: see `config.PaliGemmaConfig`; logits are float32.
 """

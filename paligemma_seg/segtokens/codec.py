@@ -32,13 +32,20 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from paligemma_seg.segtokens.layout import MASK_SIZE, NUM_CODES, TOKENS_PER_MASK
+from paligemma_seg.segtokens.layout import (
+    LOCS_PER_BOX,
+    MASK_SIZE,
+    NUM_CODES,
+    NUM_LOC_BINS,
+    OBJECT_SEPARATOR,
+    TOKENS_PER_MASK,
+    loc_token,
+    seg_token,
+)
 
 if TYPE_CHECKING:  # The codec runs any object with encode/decode; JAX loads only with vqvae.
     from paligemma_seg.segtokens.vqvae import VQVAE
 
-NUM_LOCS = 1024
-OBJECT_SEPARATOR = " ; "
 _TOKEN = re.compile(r"<(loc|seg)(\d+)>")
 
 
@@ -216,18 +223,18 @@ def box_to_locs(box: np.ndarray, height: int, width: int, rounding: str = "ceil"
     """
     box = np.asarray(box, np.int64)
     sides = np.array([height, width, height, width], np.int64)
-    scaled = box * (NUM_LOCS - 1)
+    scaled = box * (NUM_LOC_BINS - 1)
     if rounding == "ceil":
         locs = -((-scaled) // sides)  # integer ceil, no float error
     elif rounding == "round":
         locs = np.round(scaled / sides)
     else:
         raise ValueError(f"loc_rounding must be 'ceil' or 'round', got {rounding!r}")
-    locs = np.clip(locs, 0, NUM_LOCS - 1)
+    locs = np.clip(locs, 0, NUM_LOC_BINS - 1)
     for start, end in ((0, 2), (1, 3)):
         collapsed = locs[..., end] <= locs[..., start]
-        at_last = collapsed & (locs[..., start] == NUM_LOCS - 1)
-        locs[..., start] = np.where(at_last, NUM_LOCS - 2, locs[..., start])
+        at_last = collapsed & (locs[..., start] == NUM_LOC_BINS - 1)
+        locs[..., start] = np.where(at_last, NUM_LOC_BINS - 2, locs[..., start])
         locs[..., end] = np.where(collapsed & ~at_last, locs[..., start] + 1, locs[..., end])
     return locs.astype(np.int32)
 
@@ -236,7 +243,7 @@ def locs_to_box(locs: np.ndarray, height: int, width: int) -> np.ndarray:
     """loc values int[..., 4] -> pixel box int32[..., 4]: floor(loc / 1023 * side) (big_vision)."""
     locs = np.asarray(locs, np.int64)
     sides = np.array([height, width, height, width], np.int64)
-    return (locs * sides // (NUM_LOCS - 1)).astype(np.int32)
+    return (locs * sides // (NUM_LOC_BINS - 1)).astype(np.int32)
 
 
 # ---------- text
@@ -244,9 +251,7 @@ def locs_to_box(locs: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def format_object(locs: np.ndarray, codes: np.ndarray, label: str) -> str:
     """`<locY1><locX1><locY2><locX2><segC0>..<segC15> label` (no spaces between tokens)."""
-    text = "".join(f"<loc{int(v):04d}>" for v in locs) + "".join(
-        f"<seg{int(c):03d}>" for c in codes
-    )
+    text = "".join(map(loc_token, locs)) + "".join(map(seg_token, codes))
     return f"{text} {label}" if label else text
 
 
@@ -272,17 +277,17 @@ def _parse_object(chunk: str) -> ParsedObject:
             return ParsedObject(chunk, None, None, "", "text between tokens")
     kinds = "".join("l" if t.group(1) == "loc" else "s" for t in tokens)
     label = chunk[tokens[-1].end() :].strip()
-    if kinds != "l" * 4 + "s" * TOKENS_PER_MASK:
+    if kinds != "l" * LOCS_PER_BOX + "s" * TOKENS_PER_MASK:
         problem = (
             f"expected 4 loc then 16 seg tokens, got {kinds.count('l')} loc, {kinds.count('s')} seg"
         )
         return ParsedObject(chunk, None, None, label, problem)
     digits = [len(t.group(2)) for t in tokens]
     values = [int(t.group(2)) for t in tokens]
-    locs, codes = tuple(values[:4]), tuple(values[4:])
-    if digits != [4] * 4 + [3] * TOKENS_PER_MASK:
+    locs, codes = tuple(values[:LOCS_PER_BOX]), tuple(values[LOCS_PER_BOX:])
+    if digits != [4] * LOCS_PER_BOX + [3] * TOKENS_PER_MASK:
         problem = "malformed token (loc needs 4 digits, seg 3)"
-    elif max(locs) >= NUM_LOCS or max(codes) >= NUM_CODES:
+    elif max(locs) >= NUM_LOC_BINS or max(codes) >= NUM_CODES:
         problem = "token value out of range"
     elif locs[2] <= locs[0] or locs[3] <= locs[1]:
         problem = "inverted or empty box"

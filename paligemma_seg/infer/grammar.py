@@ -32,16 +32,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma_seg.segtokens.layout import LOCS_PER_BOX, TOKENS_PER_MASK, TOKENS_PER_OBJECT
+
 # Token classes.
 OTHER, LOC, SEG, EOS = 0, 1, 2, 3
 # What a <loc> token is in a given state.
 ROLE_NONE, ROLE_Y1, ROLE_X1, ROLE_Y2, ROLE_X2 = 0, 1, 2, 3, 4
 
 START = 0
-FIRST_SEG = 4
-TAIL_ROOT = FIRST_SEG + 16
-NUM_LOCS, NUM_SEGS = 4, 16
-TOKENS_PER_OBJECT = NUM_LOCS + NUM_SEGS
+FIRST_SEG = LOCS_PER_BOX
+TAIL_ROOT = FIRST_SEG + TOKENS_PER_MASK
 
 
 @flax.struct.dataclass
@@ -117,7 +117,7 @@ def split_suffix_tokens(
     expected = "4 <loc> + 16 <seg>, label and separator, 4 <loc> + 16 <seg>, label"
 
     def read_object(position: int) -> int:
-        pattern = [loc_set] * NUM_LOCS + [seg_set] * NUM_SEGS
+        pattern = [loc_set] * LOCS_PER_BOX + [seg_set] * TOKENS_PER_MASK
         for offset, allowed in enumerate(pattern):
             if position + offset >= len(ids) or int(ids[position + offset]) not in allowed:
                 raise ValueError(f"example suffix ids {list(ids)} are not {expected}")

@@ -1,4 +1,4 @@
-"""Hugging Face tensors <-> big_vision's tree: the conversion, using the table in `weights_hf.py`.
+"""Hugging Face tensors <-> big_vision's tree: the conversion, using the table in `hf.py`.
 
 Loading reads one source tensor at a time into preallocated stacked arrays; export builds one HF
 tensor at a time (`hf_tensor_plan`), so neither direction holds two copies of a large model.
@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from paligemma_seg.weights_config import check_fits
-from paligemma_seg.weights_hf import (
+from paligemma_seg.weights.config import check_fits
+from paligemma_seg.weights.hf import (
     GLOBALS,
     HUB_PADDED_VOCAB,
     LM_HEAD,
@@ -27,8 +27,8 @@ from paligemma_seg.weights_hf import (
     shapes_from_hf,
     stacks,
 )
-from paligemma_seg.weights_safetensors import ArraySource, PlannedTensor, TensorSource
-from paligemma_seg.weights_tree import (
+from paligemma_seg.weights.safetensors import ArraySource, PlannedTensor, TensorSource
+from paligemma_seg.weights.spec import (
     MAX_LISTED,
     LoadInfo,
     ModelShapes,

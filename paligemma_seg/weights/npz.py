@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from paligemma_seg.weights_tree import (
+from paligemma_seg.weights.spec import (
     LoadInfo,
     ModelShapes,
     Progress,

@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any
 
 from paligemma_seg.model.config import PRESETS, PaliGemmaConfig, get_preset
-from paligemma_seg.weights_tree import ModelShapes, WeightsError, check_shapes, expected_shapes
+from paligemma_seg.weights.spec import ModelShapes, WeightsError, check_shapes, expected_shapes
 
 _HF_MAX_POSITIONS = 8192
 _HF_DEFAULT_WINDOW = (
@@ -20,24 +20,33 @@ _HF_DEFAULT_WINDOW = (
 _BOS, _EOS, _PAD = 2, 1, 0
 
 
+# ModelShapes field -> the config field it equals, per tower (one table, read both ways).
+_VISION_FIELDS = {
+    "patch_size": "patch_size",
+    "vision_width": "width",
+    "vision_depth": "depth",
+    "vision_mlp": "mlp_dim",
+    "vision_heads": "num_heads",
+}
+_LLM_FIELDS = {
+    "width": "width",
+    "depth": "depth",
+    "mlp": "mlp_dim",
+    "num_heads": "num_heads",
+    "num_kv_heads": "num_kv_heads",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+}
+
+
 def shapes_from_config(config: PaliGemmaConfig) -> ModelShapes:
     """The parameter sizes a config implies."""
     vision, llm = config.vision, config.llm
     return ModelShapes(
-        patch_size=vision.patch_size,
+        **{shape: getattr(vision, field) for shape, field in _VISION_FIELDS.items()},
+        **{shape: getattr(llm, field) for shape, field in _LLM_FIELDS.items()},
         num_patches=vision.num_patches,
-        vision_width=vision.width,
-        vision_depth=vision.depth,
-        vision_mlp=vision.mlp_dim,
-        vision_heads=vision.num_heads,
         vision_head_dim=vision.head_dim,
-        width=llm.width,
-        depth=llm.depth,
-        mlp=llm.mlp_dim,
-        num_heads=llm.num_heads,
-        num_kv_heads=llm.num_kv_heads,
-        head_dim=llm.head_dim,
-        vocab_size=llm.vocab_size,
         gemma2=llm.post_norms,
     )
 
@@ -105,23 +114,9 @@ def _behaviour_preset(s: ModelShapes, compat: str) -> PaliGemmaConfig:
 def config_from_shapes(s: ModelShapes, *, compat: str = "big_vision") -> PaliGemmaConfig:
     """A config of sizes `s` with the behaviour (caps, window, scaling) of the matching preset."""
     base = _behaviour_preset(s, compat)
-    vision = dict(
-        width=s.vision_width,
-        depth=s.vision_depth,
-        mlp_dim=s.vision_mlp,
-        num_heads=s.vision_heads,
-        patch_size=s.patch_size,
-        image_size=s.image_size,
-    )
-    llm = dict(
-        width=s.width,
-        depth=s.depth,
-        mlp_dim=s.mlp,
-        num_heads=s.num_heads,
-        num_kv_heads=s.num_kv_heads,
-        head_dim=s.head_dim,
-        vocab_size=s.vocab_size,
-    )
+    vision = {field: getattr(s, shape) for shape, field in _VISION_FIELDS.items()}
+    vision["image_size"] = s.image_size
+    llm = {field: getattr(s, shape) for shape, field in _LLM_FIELDS.items()}
     return base.replace(vision=vision, llm=llm)
 
 

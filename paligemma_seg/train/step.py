@@ -1,14 +1,9 @@
 """The pure training and validation steps: masked next-token loss, trainable-only gradients.
 
-Owns `TrainState`, `next_token_loss` and the step functions built by `make_train_step` /
-`make_eval_step`. Nothing here reads configs, touches files or names a mesh axis: the caller jits
-the steps with explicit shardings (train_loop.py) and activates the logical-axis rules given here at
-trace time.
-
-Loss: targets are `text[:, 1:]`, predicted from `logits[:, :-1]`, weighted by `mask_loss[:, 1:]`
-(the suffix and its EOS); the cross-entropy is summed over the whole global batch and divided by the
-number of supervised tokens, so every token counts the same (transformers' mean over labels !=
--100).
+Owns `TrainState` and the step functions built by `make_train_step` / `make_eval_step`; the loss
+itself is `loss.py`. Nothing here reads configs, touches files or names a mesh axis: the caller
+jits the steps with explicit shardings (train/setup.py) and activates the logical-axis rules given
+here at trace time.
 """
 
 from __future__ import annotations
@@ -22,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from paligemma_seg import optim, soft_targets
+from paligemma_seg.train import optim
+from paligemma_seg.train.loss import SoftTargets, next_token_loss
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -39,35 +35,12 @@ class TrainState:
     opt_state: Any
 
 
-def next_token_loss(
-    logits: jax.Array,
-    text: jax.Array,
-    mask_loss: jax.Array,
-    soft: soft_targets.SoftTargets | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """(summed cross-entropy float32[], supervised tokens float32[]) of a batch.
-
-    logits float32[B, T, V] at text positions; text int32[B, T]; mask_loss int32[B, T] (1 =
-    supervised).
-    Position t predicts token t + 1, so the weights are `mask_loss[:, 1:]`. With `soft`, `<loc>`
-    and `<seg>` targets are soft (soft_targets.py); otherwise every target is one-hot.
-    """
-    if soft is None:
-        per_token = optax.softmax_cross_entropy_with_integer_labels(
-            logits[:, :-1].astype(jnp.float32), text[:, 1:]
-        )
-    else:
-        per_token = soft_targets.soft_cross_entropy(logits[:, :-1], text[:, 1:], soft)
-    weights = mask_loss[:, 1:].astype(jnp.float32)
-    return jnp.sum(per_token * weights), jnp.sum(weights)
-
-
 def _forward_loss(
     model: nn.Module,
     params: Any,
     batch: Batch,
     rules: Sequence[Any],
-    soft: soft_targets.SoftTargets | None = None,
+    soft: SoftTargets | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     with nn.logical_axis_rules(rules):
         logits = model.apply({"params": params}, *(batch[k] for k in _MODEL_INPUTS))
@@ -94,13 +67,13 @@ def make_train_step(
     *,
     grad_accum: int = 1,
     rules: Sequence[Any] = (),
-    soft: soft_targets.SoftTargets | None = None,
+    soft: SoftTargets | None = None,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
     `trainable`: bool tree from `optim.trainable_mask`. `rng` is the run's base key; a step would
     fold in its number (PaliGemma has no dropout, so it is unused but kept for stochastic layers).
-    `soft`: soft `<loc>`/`<seg>` targets for the training loss (`soft_targets.from_config`); the
+    `soft`: soft `<loc>`/`<seg>` targets for the training loss (`loss.from_config`); the
     loss metric is then that soft cross-entropy. Metrics (float32 scalars): loss, lr, grad_norm
     (before clipping), param_norm and update_norm (of the trainable parameters), supervised_tokens.
     """

@@ -7,6 +7,7 @@ mask because it is still visible; water under thick clouds does not. Tile i depe
 (seed, i, size).
 
     python -m paligemma_seg.data.synthetic --out data/synthetic --num 200 --size 128 --seed 0
+    (the command line is `__main__.py`)
 
 writes `images/synth_00000.jpg` (RGB JPEG), `masks/synth_00000.png` (grey 0/255, exact) and
 `train_images.txt`/`test_images.txt` (every 10th tile is a test tile), the water data set's layout,
@@ -15,7 +16,6 @@ and `synthetic.json` (num_images, size, seed) last, once the set is complete.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import multiprocessing
@@ -327,19 +327,3 @@ def generate(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return names
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate satellite-like tiles with water masks.")
-    parser.add_argument("--out", required=True, help="output directory (images/, masks/, lists)")
-    parser.add_argument("--num", type=int, default=200, help="number of tiles")
-    parser.add_argument("--size", type=int, default=128, help="tile side in pixels")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, help="worker processes (default: CPU cores)")
-    args = parser.parse_args(argv)
-    names = generate(args.out, args.num, args.size, args.seed, args.workers)
-    print(f"wrote {len(names)} tiles of {args.size}px to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
 Owns the key mapping (every HF key style seen in the wild, normalised to the hub style) and the
 layout changes (torch Linear [out, in], per-head splits, the patch conv, the position table). The
-conversion itself is `weights_hf_convert.py`; safetensors files are `weights_safetensors.py`.
+conversion itself is `hf_convert.py`; safetensors files are `safetensors.py`.
 
 Vocabulary rule: hub checkpoints pad the embedding from 257,152 to 257,216 rows; the padding rows
 are dropped on load (or pass `vocab_size=` to keep that many rows). Export writes the tree's rows.
@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from paligemma_seg.weights_tree import (
+from paligemma_seg.weights.spec import (
     LLM_LAYERS,
     VIT_BLOCK,
     ModelShapes,

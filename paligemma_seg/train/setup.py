@@ -1,8 +1,9 @@
 """What a run builds before its first step: the plan (shapes, shardings, jitted steps), the state.
 
-`make_plan` needs no files and allocates nothing (scripts/memory_plan.py compiles its step on
-abstract arrays); `setup` adds the data tables, the checkpoint manager and the starting state, in
-the resume order documented in checkpoint.py (workdir checkpoint -> `init` -> random init).
+`make_plan` allocates nothing and reads no file unless soft `<loc>`/`<seg>` targets are on (their
+tables come from the tokenizer and codec), so scripts/memory_plan.py compiles its step on abstract
+arrays; `setup` adds the data tables, the checkpoint manager and the starting state, in the resume
+order documented in train/checkpoint.py (workdir checkpoint -> `init` -> random init).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from paligemma_seg import checkpoint, experiment, optim, sharding, soft_targets
-from paligemma_seg.data import pipeline
+from paligemma_seg import experiment, sharding
+from paligemma_seg.data import pipeline, prepare
 from paligemma_seg.model import logical_axes, param_shapes
-from paligemma_seg.train_step import TrainState, make_eval_step, make_train_step
+from paligemma_seg.train import checkpoint, loss, optim
+from paligemma_seg.train.step import TrainState, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -85,7 +87,7 @@ def make_plan(cfg: ml_collections.ConfigDict, mesh: Any) -> Plan:
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
     step_fn = make_train_step(
         model, tx, schedule, mask, grad_accum=optim_cfg.grad_accum, rules=rules,
-        soft=soft_targets.from_config(cfg),
+        soft=loss.from_config(cfg),
     )  # fmt: skip
     train_step = jax.jit(
         step_fn,
@@ -123,7 +125,7 @@ def _load_tables(
 ) -> tuple[pipeline.TokenTable, pipeline.TokenTable | None]:
     """Tokenized train (and validation, if val_steps > 0) splits; converts the data if needed."""
     wanted = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.val_steps > 0 else [])
-    paths = experiment.prepare_data(cfg, tuple(dict.fromkeys(wanted)))
+    paths = prepare.prepare_data(cfg, tuple(dict.fromkeys(wanted)))
     tables = {}
     for split, path in paths.items():
         tables[split] = pipeline.tokenize(pipeline.read_jsonl(path), tokenizer, cfg.seq_len)
@@ -170,7 +172,7 @@ def _start_state(
     checkpointer: checkpoint.Checkpointer,
     rng: jax.Array,
 ) -> tuple[TrainState, jax.Array, int]:
-    """Resume order (checkpoint.py): 1. workdir checkpoint, 2. cfg.init, 3. random init."""
+    """Resume order (train/checkpoint.py): 1. workdir checkpoint, 2. cfg.init, 3. random init."""
     latest = checkpointer.latest_step()
     if latest is not None:
         abstract_rng = jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rng.sharding)

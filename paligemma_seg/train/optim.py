@@ -17,7 +17,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import traverse_util
+
+from paligemma_seg.weights.spec import flatten, unflatten
 
 Params = dict[str, Any]
 
@@ -61,16 +62,6 @@ class OptimConfig:
                 f"optim.frozen_dtype={self.frozen_dtype!r}; use '', 'float32', 'bfloat16' or "
                 "'float16'."
             )
-
-
-def flatten(params: Params) -> dict[str, Any]:
-    """{'img/embedding/kernel': leaf, ...}: the '/'-joined path of every leaf."""
-    return traverse_util.flatten_dict(params, sep="/")
-
-
-def unflatten(flat: dict[str, Any]) -> Params:
-    """Inverse of `flatten`."""
-    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def trainable_mask(params: Params, trainable: str) -> Params:

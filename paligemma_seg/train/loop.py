@@ -2,14 +2,13 @@
 
 Owns what a run writes to WORKDIR (a local path or gs://...): config.json and metrics.jsonl (process
 0), checkpoints/ (all processes), params.npz at the end (process 0) and whatever evaluation writes.
-Setup (shapes, shardings, where the run starts) lives in train_setup.py. SIGTERM/SIGINT (one
+Setup (shapes, shardings, where the run starts) lives in train/setup.py. SIGTERM/SIGINT (one
 process) or JAX's preemption notice (several processes) make the loop save a checkpoint and return.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -26,10 +25,11 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from paligemma_seg import sharding
+from paligemma_seg import sharding, weights
 from paligemma_seg.data import pipeline
-from paligemma_seg.train_setup import Setup, checkpoint_meta, checkpoint_tree, setup
-from paligemma_seg.train_step import TrainState
+from paligemma_seg.infer import evaluation
+from paligemma_seg.train.setup import Setup, checkpoint_meta, checkpoint_tree, setup
+from paligemma_seg.train.step import TrainState
 
 # Test hook of the preemption tests: after this step (and its checkpoint) wait for a signal.
 PAUSE_ENV = "PALIGEMMA_SEG_PAUSE_AFTER_STEP"
@@ -144,22 +144,14 @@ def validation_loss(cfg: ml_collections.ConfigDict, s: Setup, params: Any) -> fl
 
 def evaluate(
     cfg: ml_collections.ConfigDict, s: Setup, params: Any, workdir: str, step: int
-) -> dict[str, Any] | None:
-    """Calls paligemma_seg.evaluate.run_evaluation when that module exists."""
-    if importlib.util.find_spec("paligemma_seg.evaluate") is None:
-        logging.info("Step %d: paligemma_seg.evaluate is not available; no evaluation.", step)
-        return None
-    from paligemma_seg import evaluate as evaluate_lib
-
-    model = s.plan.model
-    return evaluate_lib.run_evaluation(cfg, model, params, workdir, cfg.eval.split, step=step)
+) -> dict[str, Any]:
+    """Decodes and scores the eval split (`infer.evaluation.run_evaluation`)."""
+    return evaluation.run_evaluation(cfg, s.plan.model, params, workdir, cfg.eval.split, step=step)
 
 
 def _export(params: Any, workdir: str) -> None:
     """WORKDIR/params.npz in big_vision's format (all processes gather, process 0 writes)."""
     from jax.experimental import multihost_utils
-
-    from paligemma_seg import weights
 
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
@@ -214,8 +206,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if cfg.ckpt.export_npz:
         _export(state.params, workdir)
     if cfg.eval_steps > 0:
-        result = evaluate(cfg, s, state.params, workdir, step)
-        last = last if result is None else {**last, "eval": result}
+        last = {**last, "eval": evaluate(cfg, s, state.params, workdir, step)}
     return last
 
 

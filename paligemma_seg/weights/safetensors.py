@@ -2,7 +2,7 @@
 
 Reads one `model.safetensors` or shards listed in `model.safetensors.index.json`, one tensor at a
 time; writes shards of a bounded size into a temporary directory that is renamed into place at the
-end. Knows no PaliGemma names (see `weights_hf.py`). Never unpickles: safetensors only.
+end. Knows no PaliGemma names (see `hf.py`). Never unpickles: safetensors only.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from paligemma_seg.weights_tree import Progress, WeightsError, as_numpy
+from paligemma_seg.weights.spec import Progress, WeightsError, as_numpy
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

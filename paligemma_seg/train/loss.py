@@ -1,4 +1,10 @@
-"""Soft training targets for `<loc>` and `<seg>` tokens (`loss.loc_sigma`, `loss.seg_temperature`).
+"""The training loss: next-token cross-entropy on the suffix, with optional soft `<loc>`/`<seg>`
+targets (`loss.loc_sigma`, `loss.seg_temperature`).
+
+`next_token_loss`: targets are `text[:, 1:]`, predicted from `logits[:, :-1]`, weighted by
+`mask_loss[:, 1:]` (the suffix and its EOS); the cross-entropy is summed over the whole global
+batch and divided (by the step) by the number of supervised tokens, so every token counts the same
+(transformers' mean over labels != -100).
 
 Plain cross-entropy calls `<loc0511>` as wrong as `<loc0007>` when the answer is `<loc0512>`, and
 every wrong `<seg>` code equally wrong, although a near bin moves a box edge by a pixel and a code
@@ -21,6 +27,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 @flax.struct.dataclass
@@ -117,12 +124,35 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array, soft: SoftTargets)
     return normaliser - expected
 
 
+def next_token_loss(
+    logits: jax.Array,
+    text: jax.Array,
+    mask_loss: jax.Array,
+    soft: SoftTargets | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(summed cross-entropy float32[], supervised tokens float32[]) of a batch.
+
+    logits float32[B, T, V] at text positions; text int32[B, T]; mask_loss int32[B, T] (1 =
+    supervised).
+    Position t predicts token t + 1, so the weights are `mask_loss[:, 1:]`. With `soft`, `<loc>`
+    and `<seg>` targets are soft (below); otherwise every target is one-hot.
+    """
+    if soft is None:
+        per_token = optax.softmax_cross_entropy_with_integer_labels(
+            logits[:, :-1].astype(jnp.float32), text[:, 1:]
+        )
+    else:
+        per_token = soft_cross_entropy(logits[:, :-1], text[:, 1:], soft)
+    weights = mask_loss[:, 1:].astype(jnp.float32)
+    return jnp.sum(per_token * weights), jnp.sum(weights)
+
+
 def from_config(cfg: Any) -> SoftTargets | None:
     """The tables of `cfg.loss`, or None when both are 0 (plain cross-entropy)."""
     loss = cfg.get("loss")
     if loss is None or (loss.loc_sigma <= 0 and loss.seg_temperature <= 0):
         return None
-    from paligemma_seg import experiment
+    from paligemma_seg import experiment  # The tables come from the tokenizer and codec files.
 
     tokenizer, codec = experiment.load_tokenizer(cfg), experiment.load_codec(cfg)
     return build(

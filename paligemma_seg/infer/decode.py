@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from paligemma_seg import grammar as grammar_lib
+from paligemma_seg.infer import grammar as grammar_lib
 
 PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input", "image_sizes")
 

@@ -2,7 +2,7 @@
 
 Owns `WeightsError`, flat `/`-joined keys, `ModelShapes` (the sizes that fix every parameter shape
 of big_vision's PaliGemma tree) and the checks that a checkpoint is complete and self-consistent.
-File formats live in `weights_npz.py` and `weights_hf.py`; presets and configs in `weights.py`.
+File formats live in `npz.py` and `hf.py`; presets and configs in `config.py`.
 """
 
 from __future__ import annotations

@@ -1,36 +1,34 @@
-"""Load and save PaliGemma weights: big_vision `.npz` files and Hugging Face safetensors dirs.
+"""Load, save, convert and inspect PaliGemma weights: big_vision `.npz`, Hugging Face directories.
 
 Every loader returns big_vision's tree (`img/...`, `llm/...`, layers stacked on axis 0) as nested
-dicts of numpy arrays. The pieces: `weights_tree.py` (keys, shapes, errors), `weights_npz.py`,
-`weights_hf.py` (the HF mapping table), `weights_hf_convert.py`, `weights_safetensors.py`,
-`weights_config.py` (presets, config.json).
+dicts of numpy arrays. The modules: `spec` (the tree contract: keys, shapes, dtypes, errors, path
+flattening), `npz`, `safetensors` (sharded directories), `hf` (the HF name mapping table),
+`hf_convert` (HF tensors <-> the tree), `config` (model config <-> shapes, HF config.json),
+`orbax` (parameters of a training checkpoint).
 
-CLI: `python -m paligemma_seg.weights convert SRC DST` (npz <-> HF directory) and `... info PATH`.
+CLI (`__main__.py`): `python -m paligemma_seg.weights convert SRC DST` and `... info PATH`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import os
 import pathlib
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from paligemma_seg.model.config import COMPATS, DTYPES, PaliGemmaConfig, get_preset
-from paligemma_seg.weights_config import (
+from paligemma_seg.model.config import DTYPES, PaliGemmaConfig, get_preset
+from paligemma_seg.weights.config import (
     check_fits,
     config_from_shapes,
-    describe_sizes,
     hf_config_json,
     hf_generation_config,
     matching_presets,
 )
-from paligemma_seg.weights_hf import key_style
-from paligemma_seg.weights_hf_convert import (
+from paligemma_seg.weights.hf import key_style
+from paligemma_seg.weights.hf_convert import (
     check_hf_source,
     hf_tensor_plan,
     kept_vocab,
@@ -38,13 +36,13 @@ from paligemma_seg.weights_hf_convert import (
     params_from_source,
     params_to_hf_state_dict,
 )
-from paligemma_seg.weights_npz import check_npz, load_npz, save_npz
-from paligemma_seg.weights_safetensors import (
+from paligemma_seg.weights.npz import check_npz, load_npz, save_npz
+from paligemma_seg.weights.safetensors import (
     DEFAULT_MAX_SHARD_BYTES,
     SafetensorsReader,
     write_directory,
 )
-from paligemma_seg.weights_tree import (
+from paligemma_seg.weights.spec import (
     LoadInfo,
     ModelShapes,
     Progress,
@@ -70,7 +68,6 @@ __all__ = [
 ]
 
 CONFIG_FILE = "config.json"
-_BIG_FILE_BYTES = 256 * 2**20  # the CLI prints progress for checkpoints larger than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,72 +259,3 @@ def convert(
         max_shard_bytes=max_shard_bytes,
         progress=progress,
     )
-
-
-def _size_on_disk(path: pathlib.Path) -> int:
-    if path.is_dir():
-        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
-    return path.stat().st_size if path.is_file() else 0
-
-
-def _stderr_progress(path: pathlib.Path) -> Progress:
-    """A progress printer for big checkpoints, None for small ones."""
-    if _size_on_disk(path) < _BIG_FILE_BYTES:
-        return None
-    return lambda message: print(message, file=sys.stderr, flush=True)
-
-
-def _print_summary(summary: Summary) -> None:
-    s = summary.shapes
-    presets = " / ".join(summary.presets) or "none (sizes below)"
-    print(f"path:       {summary.path}")
-    print(f"format:     {summary.format} (keys {summary.key_style})")
-    print(f"preset:     {presets}")
-    print(f"sizes:      {describe_sizes(s)}")
-    print(
-        f"parameters: {summary.num_params():,} (img {summary.num_params('img/'):,}; "
-        f"llm {summary.num_params('llm/'):,})"
-    )
-    print(f"dtype:      {', '.join(summary.dtypes)}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m paligemma_seg.weights", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    info = commands.add_parser("info", help="print the preset, sizes, parameter count and dtype")
-    info.add_argument("path", help=".npz file or HF checkpoint directory")
-    conv = commands.add_parser("convert", help="npz -> HF directory, or HF directory -> npz")
-    conv.add_argument("source", help=".npz file or HF checkpoint directory")
-    conv.add_argument("destination", help="HF directory (from .npz) or .npz file (from HF)")
-    conv.add_argument("--dtype", choices=DTYPES, help="cast parameters (default: keep)")
-    conv.add_argument("--compat", choices=COMPATS, default="big_vision", help="PG2 config.json")
-    conv.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**30)
-    conv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; a WeightsError is printed as one line and exits with status 2."""
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "info":
-            _print_summary(inspect(args.path))
-        else:
-            written = convert(
-                args.source,
-                args.destination,
-                dtype=args.dtype,
-                compat=args.compat,
-                overwrite=args.overwrite,
-                max_shard_bytes=int(args.max_shard_gb * 2**30),
-                progress=_stderr_progress(pathlib.Path(args.source)),
-            )
-            print(f"wrote {written}")
-    except WeightsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

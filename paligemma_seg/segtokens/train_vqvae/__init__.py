@@ -9,28 +9,35 @@ outputs, sigmoid cross-entropy on the decoder's raw output (> 0 = inside). Crops
 `codec.to_objects` (the codec's own boxes and resize) plus random windows of the real masks. A
 slice of the real masks (by name hash) is held out for the final report (`OUT.json`). Resumable:
 the full state goes to `OUT.state.npz` every --checkpoint-every steps, and a rerun continues it.
+Training crops are `crops.py`; the command line is `__main__.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
-import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from PIL import Image
 from tqdm import tqdm
 
-from paligemma_seg.segtokens import codec, shapes, vqvae
+from paligemma_seg.segtokens import vqvae
+from paligemma_seg.segtokens.train_vqvae.crops import (
+    generated_crops,
+    is_holdout,
+    list_masks,
+    read_mask,
+    real_crops,
+    sample_batch,
+    to_uint8,
+)
 
-MASK_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+__all__ = ["TrainConfig", "list_masks", "read_mask", "sample_batch", "train"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,98 +54,6 @@ class TrainConfig:
     windows_per_mask: int = 24  # random windows per real mask (on top of the codec's own crops)
     holdout_fraction: float = 0.1  # real masks held out (by name hash) for the report
     seed: int = 0
-
-
-# ---------- data
-
-
-def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """A mask file -> uint8 grey [H, W]."""
-    with Image.open(path) as image:
-        return np.asarray(image.convert("L"))
-
-
-def list_masks(dirs: list[str], list_file: str | None) -> list[pathlib.Path]:
-    """Mask files in `dirs`, restricted to the names in `list_file` (one per line) when given."""
-    names = None
-    if list_file:
-        names = {line.strip() for line in open(list_file) if line.strip()}
-    paths = []
-    for directory in dirs:
-        for path in sorted(pathlib.Path(directory).iterdir()):
-            if path.suffix.lower() in MASK_EXTENSIONS and (names is None or path.name in names):
-                paths.append(path)
-    return paths
-
-
-def is_holdout(name: str, fraction: float) -> bool:
-    """Deterministic split by name: the same masks are held out on every run and machine."""
-    digest = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
-    return digest / 0xFFFFFFFF < fraction
-
-
-def _random_window(rng: np.random.Generator, binary: np.ndarray) -> np.ndarray:
-    height, width = binary.shape
-    h = int(rng.integers(min(8, height), height + 1))
-    w = int(np.clip(h * np.exp(rng.uniform(-1, 1)), min(8, width), width))
-    y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
-    return codec.resize_crop(binary[y : y + h, x : x + w])
-
-
-def crops_of(mask: np.ndarray, rng: np.random.Generator, windows: int) -> list[np.ndarray]:
-    """float32[64, 64] crops of one mask: the codec's per-object crops (with and without the other
-    parts in the box), its whole-mask crop, and `windows` random windows."""
-    crops = []
-    for config in (
-        codec.CodecConfig(max_objects=16),
-        codec.CodecConfig(max_objects=16, crop_others=True),
-        codec.CodecConfig(whole_mask=True),
-    ):
-        crops.extend(codec.to_objects(mask, config).crops[..., 0])
-    binary = codec.reference_mask(mask)
-    crops.extend(_random_window(rng, binary) for _ in range(windows))
-    return crops
-
-
-def generated_crops(count: int, seed: int) -> np.ndarray:
-    """float32[count, 64, 64] crops of generated shapes."""
-    rng = np.random.default_rng(seed)
-    crops: list[np.ndarray] = []
-    with tqdm(total=count, desc=f"shapes (seed {seed})", leave=False) as bar:
-        while len(crops) < count:
-            mask = shapes.random_mask(rng)
-            new = crops_of(mask, rng, windows=1)
-            picked = rng.choice(len(new), size=min(len(new), 3), replace=False)
-            crops.extend(new[i] for i in picked)
-            bar.update(len(picked))
-    return np.stack(crops[:count])
-
-
-def real_crops(paths: list[pathlib.Path], windows: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    crops = []
-    for path in tqdm(paths, desc="real masks", leave=False):
-        crops.extend(crops_of(read_mask(path), rng, windows))
-    return np.stack(crops) if crops else np.zeros((0, 64, 64), np.float32)
-
-
-def _to_uint8(crops: np.ndarray) -> np.ndarray:
-    return np.round(crops * 255).astype(np.uint8)
-
-
-def sample_batch(
-    rng: np.random.Generator, pools: list[np.ndarray], weights: list[float], size: int
-) -> np.ndarray:
-    """float32[size, 64, 64, 1] from uint8 pools, each crop under a random flip/rotation."""
-    weights = np.asarray(weights) / np.sum(weights)
-    which = rng.choice(len(pools), size=size, p=weights)
-    batch = np.stack([pools[p][rng.integers(len(pools[p]))] for p in which])
-    batch = np.where(rng.random(size)[:, None, None] < 0.5, batch, batch.transpose(0, 2, 1))
-    batch = batch[:, :: rng.choice([-1, 1]), :: rng.choice([-1, 1])]
-    return (batch.astype(np.float32) / 255.0)[..., None]
-
-
-# ---------- model
 
 
 @jax.tree_util.register_dataclass
@@ -287,9 +202,6 @@ def load_state(template: State, path: str) -> State:
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-# ---------- main
-
-
 def build_data(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, np.ndarray]:
     paths = list_masks(args.masks, args.list)
     train_paths = [p for p in paths if not is_holdout(p.name, cfg.holdout_fraction)]
@@ -298,8 +210,8 @@ def build_data(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, np.ndarr
         f"{len(paths)} real masks: {len(train_paths)} for training, {len(holdout_paths)} held out"
     )
     return {
-        "real": _to_uint8(real_crops(train_paths, cfg.windows_per_mask, cfg.seed)),
-        "generated": _to_uint8(generated_crops(cfg.generated, cfg.seed)),
+        "real": to_uint8(real_crops(train_paths, cfg.windows_per_mask, cfg.seed)),
+        "generated": to_uint8(generated_crops(cfg.generated, cfg.seed)),
         "holdout_real": real_crops(holdout_paths, 4, cfg.seed + 1),
         "holdout_generated": generated_crops(512, cfg.seed + 12345),
         "holdout_names": np.array([p.name for p in holdout_paths]),
@@ -392,48 +304,3 @@ def report(args, cfg: TrainConfig, data: dict, sessions: list[dict], history: li
     with open(_report_path(args.out), "w") as f:
         json.dump(result, f, indent=1)
     return result
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--masks", action="append", default=[], help="folder of mask files (repeatable)"
-    )
-    parser.add_argument(
-        "--list", default=None, help="only masks whose file name is listed (one per line)"
-    )
-    parser.add_argument(
-        "--out", required=True, help="output .npz (vae-oid format); .json report beside it"
-    )
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    parser.add_argument("--lr", type=float, default=TrainConfig.learning_rate)
-    parser.add_argument(
-        "--generated", type=int, default=TrainConfig.generated, help="generated training crops"
-    )
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument(
-        "--max-minutes", type=float, default=0, help="stop (and save) after this long; 0 = off"
-    )
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        generated=args.generated,
-        seed=args.seed,
-    )
-    result = train(args, cfg)
-    print(
-        json.dumps(
-            {k: v for k, v in result.items() if k not in ("history", "holdout_real_masks")},
-            indent=1,
-        )
-    )
-
-
-if __name__ == "__main__":
-    main()

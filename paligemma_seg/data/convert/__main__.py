@@ -1,0 +1,93 @@
+"""`python -m paligemma_seg.data.convert --images DIR --masks DIR --out DIR [--split N=LIST ...]`.
+
+The command line of `data.convert.convert` (see its module docstring for what it writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from paligemma_seg.data import convert as convert_lib
+from paligemma_seg.data import pairs
+
+
+def _split_arg(text: str) -> tuple[str, str]:
+    name, sep, list_file = text.partition("=")
+    if not sep or not list_file or not name.replace("_", "").replace("-", "").isalnum():
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=LIST_FILE (e.g. test=test.txt), got {text!r}"
+        )
+    return name, list_file
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Convert images/ + masks/ into PaliGemma JSONL.")
+    add = parser.add_argument
+    add("--images", required=True, help="folder of images")
+    add("--masks", required=True, help="folder of masks (same file names or stems)")
+    add("--out", required=True, help="output folder for NAME.jsonl and report.json")
+    add(
+        "--split",
+        action="append",
+        type=_split_arg,
+        default=[],
+        metavar="NAME=LIST_FILE",
+        help="a split and the file listing its image names (repeatable; default: all.jsonl)",
+    )
+    add("--prefix", default=convert_lib.DEFAULT_PREFIX, help="the prompt of every example")
+    add("--label", default="water", help="the label written after each object's tokens")
+    add("--codec", default=convert_lib.DEFAULT_CODEC, help="VQ-VAE npz in vae-oid format")
+    add("--threshold", type=int, help="grey level above which a mask pixel is water")
+    add("--max-objects", type=int, help="objects per mask, largest first")
+    add("--whole-mask", action="store_true", help="one box over all water instead of one per part")
+    add("--keep-suspicious", action="store_true", help="keep all / almost all water masks")
+    add("--workers", type=int, help="worker processes (default: CPU cores)")
+    add("--absolute-paths", action="store_true", help="absolute instead of relative JSONL paths")
+    add("--no-ceiling", action="store_true", help="skip the ceiling IoU (faster)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    splits = dict(args.split)
+    if len(splits) != len(args.split):
+        parser.error("give each --split NAME once")
+    overrides = {"label": args.label, "whole_mask": args.whole_mask}
+    for key in ("threshold", "max_objects"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    pairs.start_workers_early()  # its imports overlap load_codec's
+    try:
+        report = convert_lib.convert(
+            args.images,
+            args.masks,
+            args.out,
+            splits or None,
+            prefix=args.prefix,
+            codec=convert_lib.load_codec(args.codec, **overrides),
+            keep_suspicious=args.keep_suspicious,
+            workers=args.workers,
+            absolute_paths=args.absolute_paths,
+            ceiling=not args.no_ceiling,
+            progress=sys.stderr.isatty(),
+        )
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    counts = report["counts"]
+    print(
+        f"wrote {counts['written']} of {counts['pairs']} pairs to {args.out}; left out "
+        f"{counts['left_out']} {report['problems'] or ''}; ignored {counts['ignored_files']} files"
+    )
+    for info in report["splits"].values():
+        print(
+            f"  {info['file']}: {info['examples']} examples ({info['empty_masks']} empty), "
+            f"ceiling mIoU {info['ceiling_miou']}"
+        )
+    return 0 if counts["written"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
