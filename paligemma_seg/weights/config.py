@@ -143,12 +143,7 @@ def _hf_text_config(config: PaliGemmaConfig, dtype: str) -> dict[str, Any]:
         "rope_parameters": {"rope_type": "default", "rope_theta": llm.rope_base},  # 5.x
         "max_position_embeddings": _HF_MAX_POSITIONS,
         "num_image_tokens": config.vision.num_patches,
-        "bos_token_id": _BOS,
-        "eos_token_id": _EOS,
-        "pad_token_id": _PAD,
-        "tie_word_embeddings": True,
-        "dtype": dtype,
-        "torch_dtype": dtype,
+        **_shared_fields(dtype),
     }
     if llm.post_norms:
         text.update(
@@ -163,6 +158,18 @@ def _hf_text_config(config: PaliGemmaConfig, dtype: str) -> dict[str, Any]:
             cache_implementation="hybrid",
         )
     return text
+
+
+def _shared_fields(dtype: str) -> dict[str, Any]:
+    """Fields that config.json repeats at the top level and in `text_config`."""
+    return {
+        "bos_token_id": _BOS,
+        "eos_token_id": _EOS,
+        "pad_token_id": _PAD,
+        "tie_word_embeddings": True,
+        "dtype": dtype,
+        "torch_dtype": dtype,
+    }
 
 
 def _hf_vision_config(config: PaliGemmaConfig) -> dict[str, Any]:
@@ -203,12 +210,7 @@ def hf_config_json(
         "image_token_index": config.llm.vocab_size
         if image_token_index is None
         else image_token_index,
-        "bos_token_id": _BOS,
-        "eos_token_id": _EOS,
-        "pad_token_id": _PAD,
-        "tie_word_embeddings": True,
-        "dtype": dtype,
-        "torch_dtype": dtype,
+        **_shared_fields(dtype),
     }
 
 
