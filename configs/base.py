@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.val_steps = 50  # Validation loss on data.val_split every N steps and at the end; 0 = off.
     c.val_max_examples = 0  # Examples of the validation split that val_steps scores; 0 = all.
     c.ckpt_steps = 100  # Checkpoint every N steps, at the end and on SIGTERM; 0 = end only.
-    c.eval_steps = 0  # Decode + mIoU (paligemma_seg.evaluate) every N steps and at end; 0=off
+    c.eval_steps = 0  # Decode + mIoU (infer.evaluation) every N steps and at end; 0=off
     # '' = random init; else a big_vision .npz, a Hugging Face directory or an orbax checkpoint.
     c.init = ""
     c.workdir = ""  # Checkpoints, metrics.jsonl, params.npz, eval output; --workdir wins.
@@ -77,18 +77,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.shuffle_buffer = 50_000
     c.data.num_parallel_calls = 4  # tf.data threads that decode and resize images.
     c.data.prefetch = 2  # Batches prepared ahead of the train step.
-    c.data.synthetic = ml_collections.ConfigDict()  # Generated tiles (data/synthetic.py).
+    c.data.synthetic = ml_collections.ConfigDict()  # Generated tiles (data/synthetic/).
     c.data.synthetic.num_images = 0  # > 0: generate into data.images' parent if it is missing.
     c.data.synthetic.size = 128  # Side of the generated tiles in pixels.
     c.data.synthetic.seed = 0  # Seed of the generator.
 
-    # --- Optimizer (paligemma_seg.optim) ---
+    # --- Optimizer (paligemma_seg.train.optim) ---
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "sgd"  # 'sgd' (optional momentum), 'adamw' or 'adafactor'.
     c.optim.lr = 0.003  # Peak learning rate.
     c.optim.schedule = "cosine"  # After warmup: 'cosine' (to 0), 'linear' (to 0) or 'constant'.
     c.optim.warmup_steps = 30  # Linear warmup over this many updates.
-    c.optim.momentum = 0.0  # SGD momentum (0 = none, no state); adamw's b1; adafactor's momentum.
+    c.optim.momentum = 0.0  # SGD's and adafactor's momentum (0 = none, no state); not adamw's.
+    c.optim.b1 = 0.9  # adamw's first-moment (momentum) decay, as optax and big_vision default.
     c.optim.b2 = 0.999  # adamw's second-moment decay.
     c.optim.weight_decay = 0.0  # Decoupled decay of weight matrices (not norms/biases), x lr.
     c.optim.clip_norm = 1.0  # Clip gradients to this global L2 norm; 0 = off.
@@ -98,8 +99,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.trainable = "attn"
     c.optim.frozen_dtype = "bfloat16"  # Storage of frozen parameters; '' = as loaded/initialised.
 
-    # --- Training loss (paligemma_seg.train.loss); validation loss is always plain CE ---
+    # --- Training loss (paligemma_seg.train.loss); validation loss is always plain CE and a
+    # per-token mean, whatever the keys below say ---
     c.loss = ml_collections.ConfigDict()
+    # How a batch's loss is averaged: 'token' = sum over all supervised tokens of the global batch
+    # / their number (long answers weigh more); 'example' = big_vision's: the mean over each
+    # example's supervised tokens, then the mean over the batch's examples (each counts the same).
+    c.loss.normalize = "token"
     c.loss.loc_sigma = 0.0  # > 0: Gaussian soft targets over <loc> bins, this wide (in bins).
     c.loss.seg_temperature = 0.0  # > 0: soft <seg> targets by codebook distance (see module).
 
@@ -109,20 +115,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1  # Devices that split parameters and optimizer state; -1 = all the rest.
     c.mesh.strategy = "fsdp"  # Partition rules: 'fsdp' (split params over fsdp) or 'replicated'.
 
-    # --- Checkpoints (paligemma_seg.checkpoint) ---
+    # --- Checkpoints (paligemma_seg.train.checkpoint) ---
     c.ckpt = ml_collections.ConfigDict()
     c.ckpt.keep = 2  # Keep the last K checkpoints.
     c.ckpt.async_save = True  # Write checkpoints in the background while training continues.
     c.ckpt.export_npz = True  # At the end also write the weights to WORKDIR/params.npz.
 
-    # --- Evaluation (paligemma_seg.evaluate) ---
+    # --- Evaluation (paligemma_seg.infer.evaluation) ---
     c.eval = ml_collections.ConfigDict()
     c.eval.split = "test"  # Split decoded and scored.
     c.eval.max_examples = 0  # 0 = all examples of the split.
     c.eval.batch_size = 8  # Examples decoded together.
     c.eval.contact_sheet_rows = 8  # Rows of image | truth | prediction in the contact sheet.
 
-    # --- Decoding (paligemma_seg.decode) ---
+    # --- Decoding (paligemma_seg.infer.decode) ---
     c.decode = ml_collections.ConfigDict()
     c.decode.max_new_tokens = 0  # Tokens generated after the prompt; 0 = seq_len - prompt.
     c.decode.constrained = True  # Only allow token sequences that the mask grammar accepts.

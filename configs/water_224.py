@@ -1,7 +1,8 @@
 """PaliGemma 1 3B pt-224 fine-tuned to segment water (the seed's recipe).
 
 Only `llm/layers/attn` trains, plain SGD at lr 0.003, batch 8, 128 text tokens, bf16 compute
-with f32 master copies of the trained weights; frozen weights are stored in bf16. Needs, under
+with f32 master copies of the trained weights; frozen weights are stored in bf16. The loss is
+averaged per example, then over the batch (`loss.normalize='example'`, as big_vision). Needs, under
 checkpoints/ (see the README, "With real weights", or run `python scripts/download_weights.py`):
 paligemma-3b-pt-224.npz, paligemma_tokenizer.model and vae-oid.npz.
 
@@ -32,5 +33,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.lr = 0.003
     c.optim.trainable = "attn"
     c.batch_size = 8
+    c.loss.normalize = "example"  # big_vision's: each example's mean, then the batch mean.
     c.seq_len = 128
     return c

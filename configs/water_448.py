@@ -26,4 +26,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.codec.vqvae = "checkpoints/vae-oid.npz"
     c.data.jsonl_dir = "data/water_jsonl_vaeoid"
     c.optim.trainable = "attn"
+    c.loss.normalize = "example"  # big_vision's: each example's mean, then the batch mean.
     return c

@@ -100,7 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.optim.name = "adamw"
     c.optim.lr = 6e-4
-    c.optim.momentum = 0.9
+    # adamw's b1. Until optim.b1 existed adamw read optim.momentum as b1 and this config set
+    # momentum = 0.9: the same optimizer, so the numbers above still hold.
+    c.optim.b1 = 0.9
     c.optim.weight_decay = 1e-4
     c.optim.warmup_steps = 50
     c.optim.schedule = "cosine"

@@ -9,17 +9,21 @@ keys are read by `data/prepare.py`).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import os
+import time
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import tqdm
 from etils import epath
 
 from paligemma_seg.model import PaliGemma, PaliGemmaConfig, get_preset, init_params, param_shapes
 from paligemma_seg.weights import orbax
-from paligemma_seg.weights.spec import flatten
+from paligemma_seg.weights.spec import flatten, unflatten
 
 _REAL_HELP = (
     'See the README section "With real weights", or run `python scripts/download_weights.py{args}` '
@@ -105,14 +109,11 @@ def check_init(cfg: ml_collections.ConfigDict) -> str:
     return "orbax" if orbax.is_orbax_checkpoint(cfg.init) else "weights"
 
 
-def load_weights(cfg: ml_collections.ConfigDict, config: PaliGemmaConfig) -> dict[str, Any]:
-    """Host (numpy) parameters from a big_vision .npz or an HF directory, fitting `config`."""
+def check_weights_fit(cfg: ml_collections.ConfigDict, config: PaliGemmaConfig) -> None:
+    """`cfg.init` (an .npz or HF directory) must have the sizes of `config`; reads headers only."""
     from paligemma_seg import weights
 
-    _, params = weights.load(
-        cfg.init, preset=None, compat=cfg.model.compat, **_as_overrides(config)
-    )
-    return params
+    weights.load_config(cfg.init, compat=cfg.model.compat, **_as_overrides(config))
 
 
 def _as_overrides(config: PaliGemmaConfig) -> dict[str, Any]:
@@ -157,15 +158,38 @@ def initial_params(
         return params
     if kind == "orbax":
         return orbax.restore_params(cfg.init, target)
-    host = load_weights(cfg, config)
-    _check_tree(host, target, cfg.init)
-    return jax.tree_util.tree_map(
-        lambda x, t: jax.make_array_from_callback(
-            t.shape, t.sharding, lambda index: np.asarray(x[index]).astype(t.dtype)
-        ),
-        host,
-        target,
-    )
+    check_weights_fit(cfg, config)
+    return place_weights(cfg.init, target)
+
+
+def place_weights(path: str, target: Any) -> dict[str, Any]:
+    """Parameters of an .npz or HF directory placed as `target` says, one leaf at a time.
+
+    Each leaf is read in its stored dtype, block by block as its sharding asks (each host reads
+    only the blocks of its own devices), cast straight to its target dtype (frozen weights to
+    `optim.frozen_dtype`, trained ones to their f32 master dtype) and placed; the host copy is
+    dropped before the next leaf. Peak host memory: the placed parameters plus about one leaf.
+    """
+    from paligemma_seg import weights
+
+    started = time.perf_counter()
+    flat_target = flatten(target)
+    with weights.open_leaves(path) as (leaves, _):
+        _check_tree({k: v.shape for k, v in leaves.items()}, flat_target, path)
+        placed = {}
+        keys = sorted(flat_target, key=lambda k: -math.prod(flat_target[k].shape))
+        bar = tqdm.tqdm(keys, desc="loading weights", unit="leaf", leave=False,
+                        disable=jax.process_index() != 0)  # fmt: skip
+        for key in bar:
+            leaf, want = leaves[key], flat_target[key]
+            read = lambda index, leaf=leaf, want=want: leaf.read(index).astype(
+                want.dtype, copy=False
+            )
+            placed[key] = jax.make_array_from_callback(want.shape, want.sharding, read)
+            placed[key].block_until_ready()
+    logging.info("Loaded %d tensors from %s in %.1f s", len(placed), path,
+                 time.perf_counter() - started)  # fmt: skip
+    return unflatten(placed)
 
 
 def _structured_init(cfg: ml_collections.ConfigDict, params: dict[str, Any]) -> Any:
@@ -198,10 +222,10 @@ def _structured_init(cfg: ml_collections.ConfigDict, params: dict[str, Any]) -> 
     return {**params, "llm": llm, "img": img}
 
 
-def _check_tree(host: Any, target: Any, source: str) -> None:
-    """Loaded parameters must have the model's tree and shapes."""
-    got = {k: tuple(v.shape) for k, v in flatten(host).items()}
-    want = {k: tuple(v.shape) for k, v in flatten(target).items()}
+def _check_tree(shapes: dict[str, Any], target: dict[str, Any], source: str) -> None:
+    """A checkpoint's flat key -> shape must be the model's tree (flat `target`)."""
+    got = {k: tuple(v) for k, v in shapes.items()}
+    want = {k: tuple(v.shape) for k, v in target.items()}
     if got != want:
         diff = sorted(set(got.items()) ^ set(want.items()))[:6]
         raise ValueError(

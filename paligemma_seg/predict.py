@@ -6,7 +6,8 @@
 For every image (any size; folders of mixed sizes; unreadable files are reported and skipped) it
 writes into --out: `NAME.txt` (the raw output text), `NAME_mask.png` (binary mask at the image's
 size, 255 = inside), `NAME_overlay.png` (the image with the translucent mask and the boxes) and one
-line of `predictions.jsonl`. Weights: --checkpoint (an orbax checkpoint dir of training, a
+line of `predictions.jsonl` (--out may be local or a bucket, gs://...: outputs go through
+etils.epath). Weights: --checkpoint (an orbax checkpoint dir of training, a
 big_vision .npz or a Hugging Face directory), else the config's `init`, else random (a warning).
 The engine is `infer.segmenter`.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 from paligemma_seg import cli
 from paligemma_seg.infer import segmenter as segmenter_lib
@@ -53,15 +55,23 @@ def _unique_name(path: pathlib.Path, taken: set[str]) -> str:
     return name
 
 
+def _save_png(image: Any, path: epath.Path) -> None:
+    with path.open("wb") as f:
+        image.save(f, format="PNG")
+
+
 def write_outputs(
-    out: pathlib.Path, name: str, image: np.ndarray, prediction: segmenter_lib.Prediction
+    out: str | os.PathLike, name: str, image: np.ndarray, prediction: segmenter_lib.Prediction
 ) -> dict[str, Any]:
     """NAME.txt, NAME_mask.png, NAME_overlay.png; returns the predictions.jsonl record's fields."""
     from paligemma_seg import visualize
 
-    (out / f"{name}.txt").write_text(prediction.text + "\n", encoding="utf-8")
-    visualize.mask_image(prediction.mask).save(out / f"{name}_mask.png")
-    visualize.overlay(image, prediction.mask, prediction.boxes).save(out / f"{name}_overlay.png")
+    out = epath.Path(out)
+    (out / f"{name}.txt").write_text(prediction.text + "\n")
+    _save_png(visualize.mask_image(prediction.mask), out / f"{name}_mask.png")
+    _save_png(
+        visualize.overlay(image, prediction.mask, prediction.boxes), out / f"{name}_overlay.png"
+    )
     return {
         "name": name,
         "text": prediction.text,
@@ -83,13 +93,14 @@ def run_prediction(
     """Predicts every readable image of `paths` into `out`; returns counts of done and skipped."""
     from paligemma_seg.data import images as images_lib
 
-    out = pathlib.Path(out)
+    out = epath.Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = collect_images(paths)
     taken: set[str] = set()
     done = skipped = 0
     writes = jax.process_index() == 0  # every process decodes its share; one writes
-    with open(out / "predictions.jsonl" if writes else os.devnull, "w", encoding="utf-8") as jsonl:
+    jsonl_path = out / "predictions.jsonl" if writes else epath.Path(os.devnull)
+    with jsonl_path.open("w") as jsonl:
         for start in range(0, len(files), segmenter.batch_size):
             loaded = []
             for path in files[start : start + segmenter.batch_size]:

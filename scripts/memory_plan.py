@@ -3,6 +3,7 @@ r"""Bytes per device of a config's train step from XLA's compiled memory analysi
     python scripts/memory_plan.py --config configs/water_224.py --devices 1
     python scripts/memory_plan.py --config configs/water_224.py --devices 8 \
         --config.optim.trainable=all
+    python scripts/memory_plan.py --table      # every row of TABLE, one subprocess each
 
 Compiles the real jitted, sharded train step on abstract arrays for N fake CPU devices
 (--xla_force_host_platform_device_count) and prints, per device: parameters, optimizer state and
@@ -14,6 +15,12 @@ then hoists those converts of whole stacked layer weights out of the layer loop 
 of f32 copies that no GPU/TPU compilation makes). By default that pass is disabled here
 (--xla_disable_hlo_passes=while-loop-invariant-code-motion); --cpu_licm keeps it. XLA:CPU still
 fuses and schedules differently from XLA:GPU/TPU: read temporaries as an estimate, not a promise.
+Attention compiles to XLA's kernel here (materialised float32 logits); on a CUDA GPU in bf16,
+Gemma 1 and SigLIP attention run cuDNN flash attention instead (`model/layers.py`), which keeps
+no [B, N, T, S] logits: at 448/896 px the GPU needs less than this plan says.
+
+--table compiles each row of TABLE in its own process (the fake device count is per process),
+prints one line per row and a last JSON line: the list of every row's figures.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import json  # noqa: E402
 import math  # noqa: E402
+import pathlib  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -61,8 +70,26 @@ flags.DEFINE_integer("devices", 1, "Number of (fake CPU) devices of the mesh.")
 flags.DEFINE_bool(
     "cpu_licm", False, "Keep XLA:CPU's loop-invariant code motion (see the docstring)."
 )
+flags.DEFINE_bool("table", False, "Compile every row of TABLE (no --config needed).")
 
 GIB = 2**30
+_ROOT = pathlib.Path(__file__).resolve().parent.parent
+# (label, config file, devices, overrides); the first two are the README's rows. water_224.py:
+# attn-only, SGD, batch 8 x 128 text tokens, bf16 compute, frozen weights in bf16, remat.
+TABLE: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
+    ("pg1-3b-224 attn-only, remat, 1 device", "configs/water_224.py", 1, ()),
+    (
+        "pg1-3b-224 all params AdamW, remat, 8 devices",
+        "configs/water_224.py",
+        8,
+        ("--config.optim.trainable=all", "--config.optim.name=adamw"),
+    ),
+    *(
+        (f"{preset} attn-only, remat, 1 device", "configs/water_224.py", 1,
+         (f"--config.model.preset={preset}",))
+        for preset in ("pg1-3b-448", "pg1-3b-896", "pg2-3b-448")
+    ),
+)  # fmt: skip
 
 
 def per_device_bytes(tree) -> int:
@@ -74,8 +101,38 @@ def per_device_bytes(tree) -> int:
     return total
 
 
+def run_table() -> None:
+    """Each TABLE row in a fresh process; one line per row, then all figures as one JSON list."""
+    rows = []
+    licm = ["--cpu_licm"] if flags.FLAGS.cpu_licm else []
+    for label, config, devices, overrides in TABLE:
+        command = [
+            sys.executable, str(pathlib.Path(__file__).resolve()), f"--config={_ROOT / config}",
+            f"--devices={devices}", *licm, *overrides,
+        ]  # fmt: skip
+        done = subprocess.run(command, cwd=_ROOT, capture_output=True, text=True, check=False)
+        if done.returncode:
+            sys.stderr.write(done.stdout + done.stderr)
+            raise SystemExit(f"row {label!r} failed ({done.returncode}): {' '.join(command)}")
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        figures["label"] = label
+        rows.append(figures)
+        print(
+            f"{label:<47} batch {figures['batch_size']} x {figures['seq_len']}: peak "
+            f"{figures['peak_bytes'] / GIB:6.2f} GiB per device (temporaries "
+            f"{figures['xla_temp_bytes'] / GIB:.2f}; compiled in {figures['compile_seconds']} s)",
+            flush=True,
+        )
+    print(json.dumps(rows))
+
+
 def main(argv: list[str]) -> None:
     del argv
+    if flags.FLAGS.table:
+        run_table()
+        return
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required (or --table).")
     cfg = _CONFIG.value
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     plan = make_plan(cfg, mesh)
@@ -136,5 +193,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("config")
     app.run(main)

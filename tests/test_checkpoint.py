@@ -176,3 +176,39 @@ def test_init_from_hf_directory_casts_frozen_weights(tmp_path):
     np.testing.assert_array_equal(
         params["img"]["head"]["kernel"], expected["img"]["head"]["kernel"].astype(jnp.bfloat16)
     )
+
+
+def test_resume_refuses_changed_training_data(tmp_path, caplog):
+    """checkpoint_meta records the training JSONL (path, sha256); resuming on other data is a
+    one-line error naming both hashes, the JSONL and the fix; old metas resume with a warning."""
+    import hashlib
+    import logging
+
+    from train_fixtures import tiny_config, write_dataset
+
+    from paligemma_seg.train import setup as setup_lib
+
+    data = write_dataset(tmp_path / "data", num=6)
+    cfg = tiny_config(data)
+    train = data / "train.jsonl"
+    digest = hashlib.sha256(train.read_bytes()).hexdigest()
+    setup_lib._train_data(cfg, read=True)  # what setup does when it reads the data
+    meta = setup_lib.checkpoint_meta(cfg, 3)
+    assert meta["train_data"] == {"path": str(train), "sha256": digest}
+    setup_lib._check_meta(cfg, meta)  # same data: fine
+
+    train.write_text(train.read_text().replace("water", "lake"))
+    changed = hashlib.sha256(train.read_bytes()).hexdigest()
+    setup_lib._train_data(cfg, read=True)
+    with pytest.raises(ValueError) as error:
+        setup_lib._check_meta(cfg, meta)
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"trained on {train} (sha256 {digest[:12]})" in message
+    assert f"now has sha256 {changed[:12]}" in message
+    assert "restore the data it was trained on, or start a new --workdir" in message
+
+    old = {k: v for k, v in meta.items() if k != "train_data"}  # written before the field existed
+    with caplog.at_level(logging.WARNING):
+        setup_lib._check_meta(cfg, old)
+    assert "does not record its training data" in caplog.text

@@ -283,3 +283,39 @@ def test_convert_cli(tmp_path, mask_codec, monkeypatch, capsys):
     assert "expected NAME=LIST_FILE" in capsys.readouterr().err
     assert convert_cli.main(["--images", str(tmp_path / "none"), "--masks", "b", "--out", "c"]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_report_records_the_vqvae_and_tokenizer_files(tmp_path, mask_codec, monkeypatch, capsys):
+    """report.json names the files that made (VQ-VAE) or go with (tokenizer) the data, by content
+    (sha256 of the bytes), via the API and the CLI; no file given: null."""
+    import hashlib
+
+    data = tmp_path / "data"
+    synthetic.generate(data, num_images=4, size=32, seed=4)
+    shipped = pathlib.Path(convert_lib.__file__).resolve().parents[3] / "checkpoints"
+    vqvae_file, tokenizer_file = shipped / "vqvae_small.npz", shipped / "tokenizer_small.model"
+
+    def record(path: pathlib.Path) -> dict:
+        return {"path": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+    args = (data / "images", data / "masks")
+    report = convert_lib.convert(*args, tmp_path / "plain", codec=mask_codec, workers=1)
+    assert report["settings"]["vqvae"] is None and report["settings"]["tokenizer"] is None
+    report = convert_lib.convert(
+        *args, tmp_path / "api", codec=mask_codec, workers=1, vqvae_path=vqvae_file,
+        tokenizer_path=tokenizer_file,
+    )  # fmt: skip
+    assert report["settings"]["vqvae"] == record(vqvae_file)
+    assert report["settings"]["tokenizer"] == record(tokenizer_file)
+    assert convert_lib.file_sha256(vqvae_file) == record(vqvae_file)["sha256"]
+
+    monkeypatch.setattr(convert_lib, "load_codec", lambda *a, **k: mask_codec)
+    flags = ["--images", str(args[0]), "--masks", str(args[1]), "--workers", "1"]
+    tokenizer = ["--tokenizer", str(tokenizer_file)]
+    assert convert_cli.main([*flags, "--out", str(tmp_path / "cli"), *tokenizer]) == 0
+    settings = json.loads((tmp_path / "cli" / "report.json").read_text())["settings"]
+    assert settings["vqvae"] == record(vqvae_file)  # the default --codec, found in the repo
+    assert settings["tokenizer"] == record(tokenizer_file)
+    missing = ["--tokenizer", str(tmp_path / "no.model")]
+    assert convert_cli.main([*flags, "--out", str(tmp_path / "cli2"), *missing]) == 2
+    assert f"tokenizer file {tmp_path / 'no.model'} not found" in capsys.readouterr().err

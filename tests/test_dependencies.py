@@ -11,7 +11,10 @@ import sys
 
 from conftest import REPO_ROOT
 
-OPTIONAL = {"torch"}  # imported only when a torch tensor is passed in (weights.spec.as_numpy)
+# Imported only when present: torch when a torch tensor is passed in (weights.spec.as_numpy),
+# transformers to add tokenizer.json to an HF export (weights.hf_processor; without it the export
+# still loads, transformers converts tokenizer.model itself).
+OPTIONAL = {"torch", "transformers"}
 
 
 def _requirement_names(text: str) -> set[str]:

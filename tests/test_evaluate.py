@@ -5,15 +5,17 @@ import pathlib
 
 import numpy as np
 import pytest
+import test_predict
 import train_fixtures
 from PIL import Image
-from test_predict import tiny_model
+from test_predict import bucket_files, tiny_model
 
 from paligemma_seg import evaluate, experiment
 from paligemma_seg.infer import evaluation
 from paligemma_seg.infer import segmenter as segmenter_lib
 
 SHAPES = [(40, 50), (64, 64), (30, 90), (80, 45), (50, 50), (33, 77)]
+gs_bucket = test_predict.gs_bucket  # the fixture: a gs:// folder kept in memory
 FIELDS = (
     "miou", "ciou", "dice", "precision", "recall", "valid_rate", "object_count_mae",
     "ceiling_miou", "num_images", "step", "split", "invalid_objects", "contact_sheet",
@@ -121,3 +123,26 @@ def test_run_evaluation_needs_mask_paths(setup, tmp_path):
     jsonl.write_text(json.dumps({k: v for k, v in rows[0].items() if k != "mask"}) + "\n")
     with pytest.raises(ValueError, match="no 'mask'"):
         evaluation.run_evaluation(cfg, model, params, str(tmp_path), "nomask")
+
+
+def test_run_evaluation_writes_into_a_bucket(setup, gs_bucket, tmp_path, monkeypatch):
+    """A gs:// workdir (non-local, see test_predict.gs_bucket) gets the same files as a local one;
+    eval.json is replaced (no temporary left) and metrics.jsonl appended to on a second call."""
+    cfg, model, params, _, rows = setup
+    monkeypatch.setattr(segmenter_lib, "Segmenter", _PerfectSegmenter)
+    for workdir in (str(tmp_path), f"{gs_bucket}/run"):
+        for step in (3, 4):
+            _PerfectSegmenter.answers = [row["suffix"] for row in rows]
+            result = evaluation.run_evaluation(cfg, model, params, workdir, "test", step=step)
+        assert result["contact_sheet"] == f"{workdir}/contact_sheet.png"
+    local, remote = bucket_files(tmp_path), bucket_files(f"{gs_bucket}/run")
+    assert set(remote) == {
+        "eval.json", "eval_examples.jsonl", "metrics.jsonl", "contact_sheet.png",
+        "contact_sheet_step000003.png", "contact_sheet_step000004.png",
+    }  # fmt: skip
+    for name in ("eval_examples.jsonl", "metrics.jsonl", "contact_sheet.png"):
+        assert remote[name] == local[name], name
+    steps = [json.loads(line)["step"] for line in remote["metrics.jsonl"].decode().splitlines()]
+    assert steps == [3, 4]
+    written = json.loads(remote["eval.json"])
+    assert written["step"] == 4 and written["miou"] == pytest.approx(result["miou"])

@@ -1,7 +1,7 @@
 """Our logits equal transformers' on tiny random PaliGemma 1/2 checkpoints; full-size shapes match.
 
 The oracle: transformers 5.x `PaliGemmaForConditionalGeneration` (eager attention, token_type_ids for
-the prefix), saved with `save_pretrained` and read back by `paligemma_seg.model.load`. Measured on
+the prefix), saved with `save_pretrained` and read back by `paligemma_seg.weights.load` (no overrides). Measured on
 the batch below (CPU): fp32 max-abs ~2e-6 (PG1 and PG2); bf16 ~0.03-0.04 against transformers in
 bf16, on logits of magnitude ~4-6, and closer to the fp32 logits than transformers' own bf16 run.
 """
@@ -34,16 +34,8 @@ def _load_tiny(version, tmp_path_factory):
         directory = tmp_path_factory.mktemp(f"pg{version}")
         hf_model.save_pretrained(directory)
         expected = fx.our_tiny_config(version)
-        # Sizes come from the shapes; the tiny soft-caps/window are no preset's, so pass them.
-        model, params = weights.load(
-            directory,
-            compat="transformers",
-            llm=dict(
-                attn_logits_softcap=expected.llm.attn_logits_softcap,
-                final_logits_softcap=expected.llm.final_logits_softcap,
-                sliding_window=expected.llm.sliding_window,
-            ),
-        )
+        # Sizes come from the tensors, behaviour (soft-caps, window, scaling) from config.json.
+        model, params = weights.load(directory)
         assert model.config == expected
         _LOADED[version] = (version, hf_model, expected, params)
     return _LOADED[version]

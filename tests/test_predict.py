@@ -225,3 +225,88 @@ def test_overlay_blends_mask_and_outlines_boxes():
     row = visualize.SheetRow(image, mask, mask, caption="x")
     sheet = visualize.contact_sheet([row, row], cell=64)
     assert sheet.size[0] == 3 * 64 + 4 * 6 and sheet.size[1] > 2 * 64
+
+
+class _GsInRam:
+    """tf.io.gfile with every gs://... argument moved to TensorFlow's in-memory file system."""
+
+    def __init__(self, gfile):
+        self._gfile = gfile
+
+    def __getattr__(self, name):
+        function = getattr(self._gfile, name)
+
+        def call(*args, **kwargs):
+            args = [
+                "ram://" + a[len("gs://") :] if isinstance(a, str) and a.startswith("gs://") else a
+                for a in args
+            ]
+            mode = args[1] if len(args) > 1 else kwargs.get("mode", "r")
+            if name == "GFile" and "w" in mode and self._gfile.exists(args[0]):
+                self._gfile.remove(args[0])  # ram:// does not truncate on "w"; GCS and disks do
+            return function(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def gs_bucket(monkeypatch, tmp_path):
+    """A gs:// folder served by epath's own TensorFlow backend (what gs:// uses when TensorFlow is
+    installed), kept in TensorFlow's in-memory file system: a non-local file system that plain
+    `open`, `os.replace` or `PIL.Image.save(path)` cannot reach, and no network."""
+    from etils.epath import backend, gpath
+
+    class RamBackend(backend._TfBackend):
+        @property
+        def gfile(self):
+            return _GsInRam(super().gfile)
+
+    monkeypatch.setattr(backend, "tf_backend", RamBackend())
+    monkeypatch.setattr(gpath, "_is_zonal_gcs_bucket", lambda bucket: False)  # no cloud lookup
+    root = f"gs://test-bucket/{tmp_path.name}"
+    yield root
+    assert not (pathlib.Path.cwd() / "gs:").exists()  # nothing went to a local "gs:" folder
+    from etils import epath
+
+    if epath.Path(root).exists():
+        epath.Path(root).rmtree()
+
+
+def bucket_files(root: str) -> dict[str, bytes]:
+    """name -> bytes of the files directly in a gs:// (or local) folder, read through epath."""
+    from etils import epath
+
+    folder = epath.Path(root)
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+class _FixedSegmenter:
+    """Answers every image with one box over its top-left quarter (no model)."""
+
+    batch_size = 2
+
+    def predict_images(self, images, prompt):
+        predictions = []
+        for image in images:
+            height, width = image.shape[:2]
+            mask = np.zeros((height, width), bool)
+            mask[: height // 2, : width // 2] = True
+            box = (0, 0, height // 2, width // 2)
+            predictions.append(segmenter_lib.Prediction(f"{prompt} {box}", mask, [box], 1, 0, True))
+        return predictions
+
+
+def test_run_prediction_writes_the_same_files_into_a_bucket(gs_bucket, tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(random_images(3)):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    local = predict.run_prediction(_FixedSegmenter(), [str(folder)], tmp_path / "out", "seg")
+    remote = predict.run_prediction(_FixedSegmenter(), [str(folder)], f"{gs_bucket}/out", "seg")
+    assert local == remote == {"predicted": 3, "skipped": 1}
+    expected = bucket_files(tmp_path / "out")
+    assert set(expected) == {"predictions.jsonl"} | {
+        f"{i}{kind}" for i in range(3) for kind in (".txt", "_mask.png", "_overlay.png")
+    }
+    assert bucket_files(f"{gs_bucket}/out") == expected

@@ -2,8 +2,10 @@
 
 `prepare_data(cfg, splits)` generates synthetic tiles (`data.synthetic`) when the config asks for
 them and they are missing or were made with other settings, and runs the converter (`data.convert`)
-when a split's JSONL is missing or `report.json` shows other conversion settings. Only process 0
-writes; the others wait for it.
+when a split's JSONL is missing or `report.json` shows other conversion settings. JSONL whose
+report.json names another VQ-VAE file content than `codec.vqvae` is refused (ValueError): its
+`<seg>` codes are another codebook's. Only process 0 decides and writes; it tells the others what
+it does (a broadcast) and all meet at one barrier after it wrote, or all raise if it failed.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from paligemma_seg import experiment
+
+# What process 0 tells the others (broadcast_one_to_all of one int32).
+_NOTHING, _WRITE, _FAILED = 0, 1, 2
 
 
 def split_jsonl(cfg: ml_collections.ConfigDict, split: str) -> str:
@@ -29,35 +35,36 @@ def split_jsonl(cfg: ml_collections.ConfigDict, split: str) -> str:
 def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dict[str, str]:
     """Makes sure `splits` exist as JSONL: generates synthetic tiles, runs convert if needed.
 
-    Returns split -> JSONL path. Only process 0 writes; the others wait for it.
+    Returns split -> JSONL path. Process 0 decides and writes; every process reaches the same
+    broadcasts and, when process 0 wrote, the same barrier, so none reads half-written JSONL and
+    an error on process 0 makes the others raise too instead of waiting forever.
     """
     paths = {split: split_jsonl(cfg, split) for split in splits}
-    missing = [s for s, p in paths.items() if not os.path.isfile(p)]
-    codec = None
-    generate = jax.process_index() == 0 and _synthetic_to_generate(cfg)
-    if generate:
-        missing = list(paths)  # New tiles: any JSONL there is of the old ones.
-    if not missing and jax.process_index() == 0:
-        codec = experiment.load_codec(cfg)
-        reason = _stale_conversion(cfg, codec)
-        if reason:  # Converted with other settings: reconverting beats silently training on them.
-            logging.warning("Reconverting %s: %s", cfg.data.jsonl_dir, reason)
-            missing = list(paths)
-    if missing and jax.process_index() == 0:
-        codec = codec or experiment.load_codec(
-            cfg
-        )  # Fail on a missing codec before generating anything.
-        if generate:
-            from paligemma_seg.data import synthetic as synthetic_lib
+    plan, error = None, None
+    if jax.process_index() == 0:
+        try:
+            plan = _plan(cfg, paths)
+        except Exception as e:  # Re-raised below, once the others know.
+            error = e
+    code = _from_process_0(_FAILED if error else _WRITE if plan else _NOTHING)
+    if code == _WRITE:
+        if jax.process_index() == 0:
+            try:
+                _write(cfg, *plan)
+            except Exception as e:  # Re-raised below, once the others know.
+                error = e
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-            logging.info("Generating tiles into %s: %s", _synthetic_dir(cfg), generate)
-            wanted = cfg.data.synthetic
-            synthetic_lib.generate(_synthetic_dir(cfg), wanted.num_images, wanted.size, wanted.seed)
-        _convert(cfg, codec)
-    if missing and jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("prepare_data")
+            multihost_utils.sync_global_devices("prepare_data")
+        code = _from_process_0(_FAILED if error else _NOTHING)
+    if error is not None:
+        raise error
+    if code == _FAILED:
+        raise RuntimeError(
+            f"process 0 failed to prepare {cfg.data.jsonl_dir} (its log says why); this process "
+            "stops with it."
+        )
     still = [p for p in paths.values() if not os.path.isfile(p)]
     if still:
         raise ValueError(
@@ -65,6 +72,45 @@ def prepare_data(cfg: ml_collections.ConfigDict, splits: tuple[str, ...]) -> dic
             f"({sorted(cfg.data.splits.to_dict())}) names the splits {list(splits)}."
         )
     return paths
+
+
+def _from_process_0(code: int) -> int:
+    """Process 0's `code`, on every process (one small broadcast; itself when single-process)."""
+    if jax.process_count() == 1:
+        return code
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.array([code], np.int32))[0])
+
+
+def _plan(cfg: ml_collections.ConfigDict, paths: dict[str, str]) -> tuple[str, Any] | None:
+    """(why tiles must be generated or '', codec) when something must be written, else None.
+
+    Raises ValueError for JSONL made with another VQ-VAE (`_check_vqvae`).
+    """
+    codec = experiment.load_codec(cfg)  # Fail on a missing codec before generating anything.
+    _check_vqvae(cfg)
+    missing = [s for s, p in paths.items() if not os.path.isfile(p)]
+    generate = _synthetic_to_generate(cfg)
+    if generate:
+        missing = list(paths)  # New tiles: any JSONL there is of the old ones.
+    if not missing:
+        reason = _stale_conversion(cfg, codec)
+        if reason:  # Converted with other settings: reconverting beats silently training on them.
+            logging.warning("Reconverting %s: %s", cfg.data.jsonl_dir, reason)
+            missing = list(paths)
+    return (generate, codec) if missing else None
+
+
+def _write(cfg: ml_collections.ConfigDict, generate: str, codec: Any) -> None:
+    """Generates tiles (when `generate` says why), then converts."""
+    if generate:
+        from paligemma_seg.data import synthetic as synthetic_lib
+
+        logging.info("Generating tiles into %s: %s", _synthetic_dir(cfg), generate)
+        wanted = cfg.data.synthetic
+        synthetic_lib.generate(_synthetic_dir(cfg), wanted.num_images, wanted.size, wanted.seed)
+    _convert(cfg, codec)
 
 
 def _synthetic_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
@@ -88,16 +134,46 @@ def _synthetic_to_generate(cfg: ml_collections.ConfigDict) -> str:
     return ""
 
 
+def _report_settings(cfg: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """data.jsonl_dir's report.json settings; None without a (readable) report."""
+    try:
+        with open(os.path.join(cfg.data.jsonl_dir, "report.json")) as f:
+            return json.load(f).get("settings", {})
+    except (OSError, ValueError):
+        return None
+
+
+def _check_vqvae(cfg: ml_collections.ConfigDict) -> None:
+    """ValueError when report.json says another VQ-VAE (by content) made the `<seg>` codes.
+
+    JSONL without a report (another tool's), or a report naming no VQ-VAE file, is trusted.
+    """
+    made = (_report_settings(cfg) or {}).get("vqvae") or {}
+    if not made.get("sha256"):
+        return
+    from paligemma_seg.data import convert
+
+    configured = cfg.codec.vqvae
+    digest = convert.file_sha256(configured)
+    if digest == made["sha256"]:
+        return
+    used, same_file = made.get("path"), os.path.abspath(configured) == made.get("path")
+    raise ValueError(
+        f"{cfg.data.jsonl_dir} was made with the VQ-VAE {used} (sha256 {made['sha256'][:12]}), "
+        f"but codec.vqvae is {configured} (sha256 {digest[:12]}"
+        f"{', the file changed since' if same_file else ''}); fix: reconvert into another "
+        f"data.jsonl_dir (--config.data.jsonl_dir=NEW_DIR) or point codec.vqvae at the file "
+        f"used (--config.codec.vqvae={used})."
+    )
+
+
 def _stale_conversion(cfg: ml_collections.ConfigDict, codec: Any) -> str:
     """Why data.jsonl_dir's report.json does not match this config ('' = it matches).
 
     JSONL without a convert report (written by another tool) is trusted as it is.
     """
-    report_path = os.path.join(cfg.data.jsonl_dir, "report.json")
-    try:
-        with open(report_path) as f:
-            settings = json.load(f).get("settings", {})
-    except (OSError, ValueError):
+    settings = _report_settings(cfg)
+    if settings is None:
         return ""
     expected = {
         "images": str(pathlib.Path(cfg.data.images).resolve()),
@@ -126,6 +202,8 @@ def _convert(cfg: ml_collections.ConfigDict, codec: Any) -> None:
         cfg.data.splits.to_dict(),
         prefix=cfg.data.prefix,
         codec=codec,
+        vqvae_path=cfg.codec.vqvae,
+        tokenizer_path=cfg.tokenizer if os.path.isfile(cfg.tokenizer) else None,
     )
     logging.info(
         "Converted %d image/mask pairs into %s (ceiling mIoU %s)",

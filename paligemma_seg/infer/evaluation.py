@@ -9,6 +9,7 @@ the workdir:
   contact_sheet.png    image | ground truth | prediction, eval.contact_sheet_rows rows (and
                        contact_sheet_step{STEP}.png when a step is given);
   metrics.jsonl        (only with a step) one line {"step", "eval_miou", ...} for the curves.
+The workdir may be local or a bucket (gs://...): every output goes through etils.epath.
 The CLI is `python -m paligemma_seg.evaluate`; training calls this every `eval_steps`.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from paligemma_seg import metrics
 from paligemma_seg.data import prepare, preprocess
@@ -54,14 +56,19 @@ def _display_path(path: str) -> str:
     return path if relative.startswith("..") else relative
 
 
-def _write_json(path: str, value: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+def _write_json(path: epath.Path, value: Any) -> None:
+    """Atomically: a temporary file next to `path`, then renamed over it."""
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    tmp.replace(path)
 
 
-def _contact_sheet(rows: list[tuple], workdir: str, step: int | None) -> str:
+def _save_png(image: Any, path: epath.Path) -> None:
+    with path.open("wb") as f:
+        image.save(f, format="PNG")
+
+
+def _contact_sheet(rows: list[tuple], workdir: epath.Path, step: int | None) -> str:
     """contact_sheet.png (+ a per-step copy) of (image path, gt, prediction, IoU) rows."""
     from paligemma_seg import visualize
     from paligemma_seg.data import images as images_lib
@@ -78,11 +85,11 @@ def _contact_sheet(rows: list[tuple], workdir: str, step: int | None) -> str:
         for image, gt, prediction, iou in rows
     ]
     sheet = visualize.contact_sheet(sheet_rows)
-    path = os.path.join(workdir, "contact_sheet.png")
-    sheet.save(path)
+    path = workdir / "contact_sheet.png"
+    _save_png(sheet, path)
     if step is not None:
-        sheet.save(os.path.join(workdir, f"contact_sheet_step{step:06d}.png"))
-    return path
+        _save_png(sheet, workdir / f"contact_sheet_step{step:06d}.png")
+    return os.fspath(path)
 
 
 def _decode_chunk(segmenter: segmenter_lib.Segmenter, chunk: list[Any]) -> tuple[list, list]:
@@ -172,14 +179,16 @@ def _write_outputs(
     workdir: str,
     step: int | None,
 ) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    result["contact_sheet"] = _contact_sheet(sheet_rows, workdir, step) if sheet_rows else None
-    _write_json(os.path.join(workdir, "eval.json"), result)
-    with open(os.path.join(workdir, "eval_examples.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record) + "\n" for record in records)
+    out = epath.Path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    result["contact_sheet"] = _contact_sheet(sheet_rows, out, step) if sheet_rows else None
+    _write_json(out / "eval.json", result)
+    with (out / "eval_examples.jsonl").open("w") as f:
+        for record in records:  # (tf.io.gfile's files, behind gs://, have no writelines)
+            f.write(json.dumps(record) + "\n")
     if step is not None:
         curve = {"step": step, **{f"eval_{k}": result[k] for k in metrics.METRIC_NAMES}}
-        with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+        with (out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(curve) + "\n")
     logging.info(
         "eval %s (step %s): mIoU %.4f cIoU %.4f valid %.3f ceiling %.4f on %d images -> %s",

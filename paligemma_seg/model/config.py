@@ -183,8 +183,8 @@ _PRESETS: dict[str, tuple[str, int]] = {
     **{f"pg2-10b-{res}": ("gemma2_9b", res) for res in (224, 448, 896)},
     **{f"pg2-28b-{res}": ("gemma2_27b", res) for res in (224, 448, 896)},
 }
-_TINY_PRESETS = ("tiny", "tiny-pg2")
-PRESETS: tuple[str, ...] = (*_PRESETS, *_TINY_PRESETS)
+TEST_PRESETS: tuple[str, ...] = ("tiny", "tiny-pg2")  # Test models, not published ones.
+PRESETS: tuple[str, ...] = (*_PRESETS, *TEST_PRESETS)
 
 
 def _apply_compat(llm: GemmaConfig, compat: str) -> GemmaConfig:
@@ -203,7 +203,7 @@ def get_preset(name: str, *, compat: Compat = "big_vision", **overrides: Any) ->
 
     Example: `get_preset("pg2-3b-448", dtype="bfloat16", llm={"sliding_window": None})`.
     """
-    if name in _TINY_PRESETS:
+    if name in TEST_PRESETS:
         config = tiny_config(version=2 if name == "tiny-pg2" else 1, compat=compat)
     elif name in _PRESETS:
         llm_name, image_size = _PRESETS[name]

@@ -6,6 +6,11 @@ Einsum letters: B batch, T query length, S key/value length (cache slots when ca
 heads, K kv heads, G query heads per kv head (N = K * G; head n uses kv head n // G), H head dim,
 D width, F MLP hidden, V vocabulary, C the stacked q/k/v (or k/v) axis.
 dtype policy (see `layers.py`): RoPE, attention logits, soft-caps, softmax, logits in float32.
+
+Attention kernels: without a logit soft-cap (Gemma 1) `layers.dot_product_attention`, i.e.
+`jax.nn.dot_product_attention` (cuDNN flash attention on CUDA GPUs where it applies, XLA
+elsewhere). With one (Gemma 2's tanh cap at 50) the explicit einsum path below: that API has no
+hook between q.k and the softmax, and the cap needs the materialised float32 logits [B,K,G,T,S].
 """
 
 from __future__ import annotations
@@ -127,7 +132,10 @@ class Attention(nn.Module):
         """x `dtype`[B, T, D], mask bool[B, T, S] -> (`dtype`[B, T, D], cache, T keys added)."""
         cfg = self.config
         q, k, v = self._project_qkv(x)
-        q = (apply_rope(q, inputs.positions, cfg.rope_base) * cfg.query_scale).astype(self.dtype)
+        capped = bool(cfg.attn_logits_softcap)
+        q = apply_rope(q, inputs.positions, cfg.rope_base)
+        # The einsum path scales the queries (in float32); the kernel path scales the logits.
+        q = (q * cfg.query_scale if capped else q).astype(self.dtype)
         k = apply_rope(k, inputs.positions, cfg.rope_base).astype(self.dtype)
         q = layers.constrain(q, ("batch", "length", "heads", "head_dim"))
         if cache is not None:
@@ -137,6 +145,27 @@ class Attention(nn.Module):
                 v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
             )
             k, v = cache.k.astype(self.dtype), cache.v.astype(self.dtype)
+        if capped:
+            encoded = self._capped_attention(q, k, v, mask)
+        else:  # cuDNN's partitioner wants q, k and v sharded alike (batch only).
+            kv_axes = ("batch", "length", "kv_heads", "head_dim")
+            k, v = layers.constrain(k, kv_axes), layers.constrain(v, kv_axes)
+            encoded = layers.dot_product_attention(q, k, v, mask, scale=cfg.query_scale)
+        out = layers.Einsum(
+            shape=(cfg.num_heads, cfg.head_dim, cfg.width), axes=("heads", "head_dim", "embed"),
+            init=_fan_in_normal((0, 1), 2), dtype=self.dtype, param_dtype=self.param_dtype,
+            name="attn_vec_einsum",
+        )  # fmt: skip
+        return out("BTNH,NHD->BTD", encoded), cache
+
+    def _capped_attention(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+    ) -> jax.Array:
+        """Soft-capped attention, q (scaled) [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H].
+
+        Materialises float32 logits [B, K, G, T, S]: cap * tanh(logits / cap) must see them.
+        """
+        cfg = self.config
         batch, length = q.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads
         # [B, T, K, G, H]
@@ -146,13 +175,7 @@ class Attention(nn.Module):
         logits = jnp.where(mask[:, None, None, :, :], logits, _MASKED)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         encoded = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-        encoded = encoded.reshape(batch, length, cfg.num_heads, cfg.head_dim)
-        out = layers.Einsum(
-            shape=(cfg.num_heads, cfg.head_dim, cfg.width), axes=("heads", "head_dim", "embed"),
-            init=_fan_in_normal((0, 1), 2), dtype=self.dtype, param_dtype=self.param_dtype,
-            name="attn_vec_einsum",
-        )  # fmt: skip
-        return out("BTNH,NHD->BTD", encoded), cache
+        return encoded.reshape(batch, length, cfg.num_heads, cfg.head_dim)
 
 
 class FeedForward(nn.Module):

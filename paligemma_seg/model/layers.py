@@ -1,16 +1,20 @@
 """Small Linen building blocks shared by the SigLIP encoder and the Gemma decoder.
 
-Owns parameter creation with logical axis names, einsum projections, the two norms and the layer
-scan; no attention logic. Logical axis names (only `paligemma_seg/sharding.py` maps them to mesh
-axes): batch, length (tokens), cache_length (KV-cache slots), embed (residual width), mlp (MLP
-hidden; also the image-to-LLM projection's output), heads, kv_heads, head_dim, vocab, layers
-(stacked depth). Small or spatial axes (gating's 2, qkv's 3, patch pixels) are None: unsharded.
+Owns parameter creation with logical axis names, einsum projections, the two norms, the layer
+scan and the one call into `jax.nn.dot_product_attention` (`dot_product_attention`: which kernel
+runs, cuDNN flash attention or XLA); masks and soft-caps are the callers'. Logical axis names
+(only `paligemma_seg/sharding.py` maps them to mesh axes): batch, length (tokens), cache_length
+(KV-cache slots), embed (residual width), mlp (MLP hidden; also the image-to-LLM projection's
+output), heads, kv_heads, head_dim, vocab, layers (stacked depth). Small or spatial axes (gating's
+2, qkv's 3, patch pixels) are None: unsharded.
 dtype policy: parameters are created in `param_dtype` and cast to `dtype` at use; norms compute in
 float32.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -142,3 +146,90 @@ def scan_blocks(
         unroll=1 if scan_layers else length,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
+
+
+# Kernel of `dot_product_attention`: "auto" (cuDNN where it applies, else XLA), "xla" or "cudnn".
+ATTENTION_ENV = "PALIGEMMA_SEG_ATTENTION"
+_ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+_CUDNN_PAD = 8  # With a mask, cuDNN gets T and S padded to a multiple of this (see below).
+
+
+@functools.lru_cache(maxsize=1)
+def _cudnn_max_head_dim() -> int:
+    """Largest head dim cuDNN flash attention takes on device 0; 0 = no CUDA GPU (no cuDNN)."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not capability or "cuda" not in device.client.platform_version:
+        return 0
+    major = int(str(capability).split(".")[0])
+    return 256 if major >= 9 else 128  # Hopper and later: 256 (jax's check_is_flash_attention).
+
+
+def attention_implementation(q: jax.Array) -> str | None:
+    """`implementation=` for `jax.nn.dot_product_attention` of queries q [B, T, N, H].
+
+    "cudnn" (flash attention: no [B, N, T, S] logits in memory, forward or backward) when the
+    default device (jax.devices()[0]) is a CUDA GPU and the call fits cuDNN's limits: bf16/fp16,
+    head dim a multiple of 8 and <= 128 (<= 256 from Hopper on), more than one query. Otherwise
+    None: XLA's kernel (float32 logits materialised, float32 softmax).
+    $PALIGEMMA_SEG_ATTENTION=xla forces XLA, =cudnn forces cuDNN (an error where it does not
+    apply), =auto (the default) picks as above.
+    """
+    choice = os.environ.get(ATTENTION_ENV, "auto").lower()
+    if choice not in _ATTENTION_CHOICES:
+        raise ValueError(f"${ATTENTION_ENV}={choice!r}; use one of {_ATTENTION_CHOICES}.")
+    if choice != "auto":
+        return None if choice == "xla" else "cudnn"
+    head_dim = q.shape[-1]
+    fits = (
+        q.dtype in (jnp.bfloat16, jnp.float16)
+        and head_dim % 8 == 0
+        and head_dim <= _cudnn_max_head_dim()
+        and q.shape[1] > 1  # One query (a decode step): XLA's [B, N, 1, S] logits are small.
+    )
+    return "cudnn" if fits else None
+
+
+def _pad_to(x: jax.Array, axis: int, size: int, value: Any = 0) -> jax.Array:
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    scale: float,
+) -> jax.Array:
+    """softmax(scale * q.k, masked) v: q [B, T, N, H], k/v [B, S, K, H] -> [B, T, N, H], q.dtype.
+
+    Grouped queries: head n reads kv head n // (N / K). mask bool[B, T, S] (True = attend) or None.
+    Logits and softmax are float32 in both kernels (bf16 inputs: float32-accumulated products);
+    the probabilities are cast to v.dtype before the product with v. A fully masked row (a
+    padding query) gets a uniform softmax, not NaN. There is no hook for logit soft-capping:
+    callers that cap keep their own einsum path.
+
+    cuDNN takes a mask as an additive bias [B, 1, T, S] whose gradient it always computes; that
+    needs even T and S, so T and S are padded to a multiple of 8 (16-byte bias rows in bf16;
+    padded keys masked out, padded queries dropped): any length works, prefill caches included.
+    """
+    impl = attention_implementation(q)
+    length, keys = q.shape[1], k.shape[1]
+    if mask is not None and impl == "cudnn":
+        padded_t, padded_s = (-(-n // _CUDNN_PAD) * _CUDNN_PAD for n in (length, keys))
+        if (padded_t, padded_s) != (length, keys):
+            q = _pad_to(q, 1, padded_t)
+            k, v = _pad_to(k, 1, padded_s), _pad_to(v, 1, padded_s)
+            mask = _pad_to(_pad_to(mask, 1, padded_t, False), 2, padded_s, False)
+    encoded = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        mask=None if mask is None else mask[:, None, :, :],
+        scale=float(scale),
+        implementation=impl,
+    )
+    return encoded[:, :length]

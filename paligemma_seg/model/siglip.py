@@ -3,7 +3,9 @@
 Owns the `img/...` half of the parameter tree (big_vision `models/vit.py` names, blocks stacked on
 axis 0). Einsum letters: B batch, Y/X patch-grid row/column, p/q/c pixel row/column/channel in a
 patch, T query tokens, S key tokens, N heads, H head dim, W encoder width, M MLP hidden, D LLM
-width. dtype policy: see `layers.py`; attention logits and softmax in float32.
+width. dtype policy: see `layers.py`; attention logits and softmax in float32. Attention runs in
+`layers.dot_product_attention` (cuDNN flash attention on CUDA GPUs in bf16, XLA elsewhere): no
+mask, no soft-cap.
 """
 
 from __future__ import annotations
@@ -55,12 +57,11 @@ class SelfAttention(nn.Module):
             init=nn.initializers.xavier_uniform(), dtype=self.dtype, param_dtype=self.param_dtype,
             name=name,
         )  # fmt: skip
-        q = proj("query")("BTW,WNH->BTNH", x) * jnp.asarray(head_dim**-0.5, self.dtype)
-        k = proj("key")("BSW,WNH->BSNH", x)
-        v = proj("value")("BSW,WNH->BSNH", x)
-        logits = jnp.einsum("BTNH,BSNH->BNTS", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        encoded = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+        axes = ("batch", "length", "heads", "head_dim")  # Alike: cuDNN's partitioner wants that.
+        q, k, v = (
+            layers.constrain(proj(n)("BTW,WNH->BTNH", x), axes) for n in ("query", "key", "value")
+        )
+        encoded = layers.dot_product_attention(q, k, v, scale=head_dim**-0.5)
         out = layers.Einsum(
             shape=(heads, head_dim, cfg.width), axes=("heads", "head_dim", "embed"),
             param_name="kernel", bias_shape=(cfg.width,), bias_axes=("embed",),

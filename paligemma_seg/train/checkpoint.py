@@ -1,11 +1,12 @@
 """Training checkpoints: a thin wrapper around orbax's CheckpointManager.
 
 Owns the on-disk training state (WORKDIR/checkpoints/STEP/{state,meta}): `state` is the pytree
-{step, params, opt_state, rng}, `meta` a small JSON (step, examples seen, batch size, seed) that
-pins the data position. Saves are asynchronous (training continues while arrays are written), atomic
-(a step directory appears only once complete, so a killed run never leaves a half checkpoint that is
-read back) and cooperative (every process calls `save`; each writes its own shards). Keeps the last
-K. Reading only the parameters back (evaluation, prediction, `init`) is `weights/orbax.py`.
+{step, params, opt_state, rng}, `meta` a small JSON (step, examples seen, batch size, seed, the
+training JSONL's path and sha256) that pins the data position. Saves are asynchronous (training
+continues while arrays are written), atomic (a step directory appears only once complete, so a
+killed run never leaves a half checkpoint that is read back) and cooperative (every process calls
+`save`; each writes its own shards). Keeps the last K. Reading only the parameters back
+(evaluation, prediction, `init`) is `weights/orbax.py`.
 
 Where a run starts (decided in train/setup.py, in this order; the branch taken is logged):
   1. the latest checkpoint in WORKDIR/checkpoints: parameters, optimizer state, step, RNG, data

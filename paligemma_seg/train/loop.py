@@ -9,6 +9,7 @@ process) or JAX's preemption notice (several processes) make the loop save a che
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from paligemma_seg.data import pipeline
 from paligemma_seg.infer import evaluation
 from paligemma_seg.train.setup import Setup, checkpoint_meta, checkpoint_tree, setup
 from paligemma_seg.train.step import TrainState
+from paligemma_seg.weights.spec import flatten
 
 # Test hook of the preemption tests: after this step (and its checkpoint) wait for a signal.
 PAUSE_ENV = "PALIGEMMA_SEG_PAUSE_AFTER_STEP"
@@ -150,19 +152,28 @@ def evaluate(
 
 
 def _export(params: Any, workdir: str) -> None:
-    """WORKDIR/params.npz in big_vision's format (all processes gather, process 0 writes)."""
+    """WORKDIR/params.npz in big_vision's format, streamed: one leaf on the host at a time.
+
+    Several processes: each leaf is gathered (every process takes part, in the same sorted key
+    order) and process 0 writes it; nobody holds the whole tree.
+    """
     from jax.experimental import multihost_utils
 
     if jax.process_count() > 1:
-        params = multihost_utils.process_allgather(params, tiled=True)
+        gather = lambda leaf: np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
+    else:
+        gather = lambda leaf: np.asarray(jax.device_get(leaf))
+    lazy = {key: functools.partial(gather, leaf) for key, leaf in flatten(params).items()}
     if jax.process_index() != 0:
+        for key in sorted(lazy):
+            lazy[key]()
         return
     target = epath.Path(workdir) / "params.npz"
     if "://" not in os.fspath(target):
-        weights.save_npz(jax.device_get(params), target)
+        weights.save_npz(lazy, target)
     else:  # weights.save_npz writes local files: stage, then copy to the bucket.
         with tempfile.TemporaryDirectory() as staging:
-            local = weights.save_npz(jax.device_get(params), os.path.join(staging, "params.npz"))
+            local = weights.save_npz(lazy, os.path.join(staging, "params.npz"))
             epath.Path(local).copy(target, overwrite=True)
     logging.info("Exported trained weights to %s", target)
 

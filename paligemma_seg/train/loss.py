@@ -2,9 +2,16 @@
 targets (`loss.loc_sigma`, `loss.seg_temperature`).
 
 `next_token_loss`: targets are `text[:, 1:]`, predicted from `logits[:, :-1]`, weighted by
-`mask_loss[:, 1:]` (the suffix and its EOS); the cross-entropy is summed over the whole global
-batch and divided (by the step) by the number of supervised tokens, so every token counts the same
-(transformers' mean over labels != -100).
+`mask_loss[:, 1:]` (the suffix and its EOS). It returns a (numerator, denominator) pair that the
+step sums over micro-batches and divides at the end, so gradient accumulation changes nothing.
+`loss.normalize` says how the global batch's cross-entropy is averaged:
+  'token'    sum over every supervised token of the batch / their number: every token counts the
+             same, a long answer more than a short one (transformers' mean over labels != -100);
+  'example'  big_vision's PaliGemma trainer: the mean over each example's supervised tokens, then
+             the mean over the examples of the batch, so every example counts the same. An example
+             without supervised tokens contributes 0 and still counts in the batch's number of
+             examples (big_vision divides each example's sum by max(its tokens, 1), then takes
+             the plain batch mean); here every example has at least its EOS.
 
 Plain cross-entropy calls `<loc0511>` as wrong as `<loc0007>` when the answer is `<loc0512>`, and
 every wrong `<seg>` code equally wrong, although a near bin moves a box edge by a pixel and a code
@@ -16,7 +23,7 @@ loss at a `<loc>` or `<seg>` target is the cross-entropy against a distribution 
              codec's codebook and m the median squared distance between two different codes.
 As sigma or temperature go to 0, q becomes one-hot and the loss is plain cross-entropy. q puts its
 largest mass on the true token, so greedy decoding still aims at it. Validation loss stays plain
-cross-entropy, comparable across runs.
+cross-entropy and a per-token mean (whatever `loss.normalize` says), comparable across runs.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+NORMALIZE = ("token", "example")  # loss.normalize: how a batch's cross-entropy is averaged.
 
 
 @flax.struct.dataclass
@@ -124,19 +133,31 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array, soft: SoftTargets)
     return normaliser - expected
 
 
+def check_normalize(normalize: str) -> str:
+    """`normalize` if it is one of NORMALIZE, else a ValueError naming the config key."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"loss.normalize={normalize!r}; use one of {NORMALIZE}.")
+    return normalize
+
+
 def next_token_loss(
     logits: jax.Array,
     text: jax.Array,
     mask_loss: jax.Array,
     soft: SoftTargets | None = None,
+    normalize: str = "token",
 ) -> tuple[jax.Array, jax.Array]:
-    """(summed cross-entropy float32[], supervised tokens float32[]) of a batch.
+    """(numerator float32[], denominator float32[]) of a batch's loss; loss = their ratio.
 
+    'token': (cross-entropy summed over the supervised tokens, number of those tokens);
+    'example': (sum over the examples of each one's mean cross-entropy, number of examples).
+    Sums of both over the micro-batches of a global batch give its loss (see the module).
     logits float32[B, T, V] at text positions; text int32[B, T]; mask_loss int32[B, T] (1 =
     supervised).
     Position t predicts token t + 1, so the weights are `mask_loss[:, 1:]`. With `soft`, `<loc>`
     and `<seg>` targets are soft (below); otherwise every target is one-hot.
     """
+    check_normalize(normalize)
     if soft is None:
         per_token = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1].astype(jnp.float32), text[:, 1:]
@@ -144,7 +165,10 @@ def next_token_loss(
     else:
         per_token = soft_cross_entropy(logits[:, :-1], text[:, 1:], soft)
     weights = mask_loss[:, 1:].astype(jnp.float32)
-    return jnp.sum(per_token * weights), jnp.sum(weights)
+    if normalize == "token":
+        return jnp.sum(per_token * weights), jnp.sum(weights)
+    per_example = jnp.sum(per_token * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    return jnp.sum(per_example), jnp.asarray(per_example.shape[0], jnp.float32)
 
 
 def from_config(cfg: Any) -> SoftTargets | None:

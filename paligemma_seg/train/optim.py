@@ -43,6 +43,7 @@ class OptimConfig:
     schedule: str = "cosine"
     warmup_steps: int = 0
     momentum: float = 0.0
+    b1: float = 0.9
     b2: float = 0.999
     weight_decay: float = 0.0
     clip_norm: float = 1.0
@@ -55,6 +56,9 @@ class OptimConfig:
             raise ValueError(f"optim.name={self.name!r}; use one of {OPTIMIZERS}.")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule={self.schedule!r}; use one of {SCHEDULES}.")
+        for key in ("momentum", "b1", "b2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"optim.{key}={getattr(self, key)} must be in [0, 1).")
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum={self.grad_accum} must be >= 1.")
         if self.frozen_dtype not in ("", "float32", "bfloat16", "float16"):
@@ -159,7 +163,7 @@ def make_optimizer(
         parts.append(
             optax.adamw(
                 schedule,
-                b1=cfg.momentum,
+                b1=cfg.b1,
                 b2=cfg.b2,
                 weight_decay=cfg.weight_decay,
                 mask=_decay_mask,

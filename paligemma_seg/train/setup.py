@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any
 
 import jax
@@ -87,7 +88,7 @@ def make_plan(cfg: ml_collections.ConfigDict, mesh: Any) -> Plan:
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
     step_fn = make_train_step(
         model, tx, schedule, mask, grad_accum=optim_cfg.grad_accum, rules=rules,
-        soft=loss.from_config(cfg),
+        soft=loss.from_config(cfg), normalize=cfg.loss.normalize,
     )  # fmt: skip
     train_step = jax.jit(
         step_fn,
@@ -96,7 +97,7 @@ def make_plan(cfg: ml_collections.ConfigDict, mesh: Any) -> Plan:
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(model, rules),
+        make_eval_step(model, rules, normalize="token"),  # validation: per-token mean, always
         in_shardings=(state_shardings.params, batch_shardings),
         out_shardings=replicated,
     )
@@ -126,6 +127,7 @@ def _load_tables(
     """Tokenized train (and validation, if val_steps > 0) splits; converts the data if needed."""
     wanted = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.val_steps > 0 else [])
     paths = prepare.prepare_data(cfg, tuple(dict.fromkeys(wanted)))
+    _train_data(cfg, read=True)  # The hash of what is trained on, for checkpoint_meta.
     tables = {}
     for split, path in paths.items():
         tables[split] = pipeline.tokenize(pipeline.read_jsonl(path), tokenizer, cfg.seq_len)
@@ -198,13 +200,42 @@ def _start_state(
 
 
 def _check_meta(cfg: ml_collections.ConfigDict, meta: dict[str, Any]) -> None:
-    """The data position is only meaningful for the same batch size and seed."""
+    """The data position is only meaningful for the same batch size, seed and training data."""
     for key in ("batch_size", "seed"):
         if meta.get(key) != cfg[key]:
             raise ValueError(
                 f"the checkpoint was written with {key}={meta.get(key)} but the config says "
                 f"{cfg[key]}; resume with --config.{key}={meta.get(key)} or use a new --workdir."
             )
+    now, then = _train_data(cfg), meta.get("train_data")
+    if not then:
+        logging.warning(
+            "The checkpoint does not record its training data (written by an older version); "
+            "resuming on %s without checking that it is the same data.", now["path"],
+        )  # fmt: skip
+    elif then.get("sha256") != now["sha256"]:
+        where = "it" if then.get("path") == now["path"] else f"the training JSONL {now['path']}"
+        raise ValueError(
+            f"the checkpoint was trained on {then.get('path')} (sha256 "
+            f"{str(then.get('sha256'))[:12]}) but {where} now has sha256 {now['sha256'][:12]}; "
+            "restore the data it was trained on, or start a new --workdir."
+        )
+
+
+# Training JSONL path -> sha256 of its content when setup read it (see `_train_data`).
+_TRAIN_DATA_SHA256: dict[str, str] = {}
+
+
+def _train_data(cfg: ml_collections.ConfigDict, read: bool = False) -> dict[str, str]:
+    """{path, sha256} of the training JSONL: hashed when `read` (setup reads the data), else the
+    hash taken then (hashed now if this process never read it)."""
+    from paligemma_seg.data import convert
+
+    path = prepare.split_jsonl(cfg, cfg.data.train_split)
+    path = path if "://" in path else os.path.abspath(path)
+    if read or path not in _TRAIN_DATA_SHA256:
+        _TRAIN_DATA_SHA256[path] = convert.file_sha256(path)
+    return {"path": path, "sha256": _TRAIN_DATA_SHA256[path]}
 
 
 def checkpoint_tree(state: TrainState, rng: Any) -> dict[str, Any]:
@@ -214,10 +245,11 @@ def checkpoint_tree(state: TrainState, rng: Any) -> dict[str, Any]:
 
 
 def checkpoint_meta(cfg: ml_collections.ConfigDict, step: int) -> dict[str, Any]:
-    """The JSON stored next to a checkpoint: step and data position."""
+    """The JSON stored next to a checkpoint: step, data position and the training data's hash."""
     return {
         "step": step,
         "examples_seen": step * cfg.batch_size,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
+        "train_data": _train_data(cfg),
     }

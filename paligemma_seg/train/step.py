@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from paligemma_seg.train import optim
-from paligemma_seg.train.loss import SoftTargets, next_token_loss
+from paligemma_seg.train.loss import SoftTargets, check_normalize, next_token_loss
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -41,10 +41,11 @@ def _forward_loss(
     batch: Batch,
     rules: Sequence[Any],
     soft: SoftTargets | None = None,
+    normalize: str = "token",
 ) -> tuple[jax.Array, jax.Array]:
     with nn.logical_axis_rules(rules):
         logits = model.apply({"params": params}, *(batch[k] for k in _MODEL_INPUTS))
-    return next_token_loss(logits, batch["text"], batch["mask_loss"], soft)
+    return next_token_loss(logits, batch["text"], batch["mask_loss"], soft, normalize)
 
 
 def _micro_batches(batch: Batch, count: int, rules: Sequence[Any]) -> Batch:
@@ -68,15 +69,21 @@ def make_train_step(
     grad_accum: int = 1,
     rules: Sequence[Any] = (),
     soft: SoftTargets | None = None,
+    normalize: str = "token",
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
     `trainable`: bool tree from `optim.trainable_mask`. `rng` is the run's base key; a step would
     fold in its number (PaliGemma has no dropout, so it is unused but kept for stochastic layers).
     `soft`: soft `<loc>`/`<seg>` targets for the training loss (`loss.from_config`); the
-    loss metric is then that soft cross-entropy. Metrics (float32 scalars): loss, lr, grad_norm
-    (before clipping), param_norm and update_norm (of the trainable parameters), supervised_tokens.
+    loss metric is then that soft cross-entropy. `normalize`: 'token' or 'example'
+    (`loss.normalize`), how the batch's cross-entropy is averaged (train/loss.py); the loss's
+    numerator and denominator are summed over the `grad_accum` micro-batches and divided once, so
+    accumulation gives the same loss and gradients as one batch. Metrics (float32 scalars): loss,
+    lr, grad_norm (before clipping), param_norm and update_norm (of the trainable parameters),
+    supervised_tokens.
     """
+    check_normalize(normalize)
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         del rng  # jax.random.fold_in(rng, state.step) would seed dropout; PaliGemma has none.
@@ -84,23 +91,23 @@ def make_train_step(
 
         def loss_sum(train_params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
             params = optim.merge_params(train_params, frozen)
-            return _forward_loss(model, params, batch, rules, soft)
+            return _forward_loss(model, params, batch, rules, soft, normalize)
 
         grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
         if grad_accum == 1:
-            (total, tokens), grads = grad_fn(train_params, batch)
+            (total, count), grads = grad_fn(train_params, batch)
         else:
 
             def accumulate(carry: Any, micro: Batch) -> tuple[Any, None]:
-                (total, tokens), grads = grad_fn(train_params, micro)
-                return jax.tree_util.tree_map(jnp.add, carry, (total, tokens, grads)), None
+                (total, count), grads = grad_fn(train_params, micro)
+                return jax.tree_util.tree_map(jnp.add, carry, (total, count, grads)), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, train_params)
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
-            (total, tokens, grads), _ = jax.lax.scan(
+            (total, count, grads), _ = jax.lax.scan(
                 accumulate, init, _micro_batches(batch, grad_accum, rules)
             )
-        denominator = jnp.maximum(tokens, 1.0)
+        denominator = jnp.maximum(count, 1.0)  # tokens ('token') or examples ('example')
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)
         updates, opt_state = tx.update(grads, state.opt_state, train_params)
         new_train = optax.apply_updates(train_params, updates)
@@ -110,7 +117,7 @@ def make_train_step(
             "grad_norm": optax.global_norm(grads),
             "param_norm": optax.global_norm(new_train),
             "update_norm": optax.global_norm(updates),
-            "supervised_tokens": tokens,
+            "supervised_tokens": jnp.sum(batch["mask_loss"][:, 1:].astype(jnp.float32)),
         }
         new_state = TrainState(
             step=state.step + 1, params=optim.merge_params(new_train, frozen), opt_state=opt_state
@@ -121,11 +128,15 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, rules: Sequence[Any] = ()
+    model: nn.Module, rules: Sequence[Any] = (), normalize: str = "token"
 ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
-    """Returns `eval_step(params, batch) -> (summed cross-entropy, supervised tokens)`."""
+    """Returns `eval_step(params, batch) -> (numerator, denominator)` of the plain cross-entropy:
+    (summed cross-entropy, supervised tokens) with 'token' (the validation loss: the caller sums
+    both over batches and divides), (sum of per-example means, rows) with 'example' (rows that
+    pad a last batch would count as examples there)."""
+    check_normalize(normalize)
 
     def eval_step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        return _forward_loss(model, params, batch, rules)
+        return _forward_loss(model, params, batch, rules, normalize=normalize)
 
     return eval_step

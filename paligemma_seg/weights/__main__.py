@@ -1,4 +1,8 @@
-"""`python -m paligemma_seg.weights info PATH` and `... convert SRC DST` (npz <-> HF directory)."""
+"""`python -m paligemma_seg.weights info PATH` and `... convert SRC DST` (npz <-> HF directory).
+
+`convert params.npz OUT_HF --tokenizer checkpoints/paligemma_tokenizer.model` also writes the
+tokenizer and preprocessor files, so transformers' PaliGemmaProcessor (and vLLM, TGI) load OUT_HF.
+"""
 
 from __future__ import annotations
 
@@ -53,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("destination", help="HF directory (from .npz) or .npz file (from HF)")
     conv.add_argument("--dtype", choices=DTYPES, help="cast parameters (default: keep)")
     conv.add_argument("--compat", choices=COMPATS, default="big_vision", help="PG2 config.json")
+    conv.add_argument(
+        "--tokenizer",
+        help="SentencePiece .model to export with the weights (npz -> HF): tokenizer and "
+        "preprocessor files for PaliGemmaProcessor",
+    )
     conv.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 2**30)
     conv.add_argument("--overwrite", action="store_true", help="replace an existing destination")
     return parser
@@ -70,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.destination,
                 dtype=args.dtype,
                 compat=args.compat,
+                tokenizer=args.tokenizer,
                 overwrite=args.overwrite,
                 max_shard_bytes=int(args.max_shard_gb * 2**30),
                 progress=_stderr_progress(pathlib.Path(args.source)),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from paligemma_seg.model.config import PRESETS, PaliGemmaConfig, get_preset
+from paligemma_seg.model.config import PRESETS, TEST_PRESETS, PaliGemmaConfig, get_preset
 from paligemma_seg.weights.spec import ModelShapes, WeightsError, check_shapes, expected_shapes
 
 _HF_MAX_POSITIONS = 8192
@@ -101,14 +101,21 @@ def check_fits(found: ModelShapes, config: PaliGemmaConfig, source: str) -> None
 
 
 def _behaviour_preset(s: ModelShapes, compat: str) -> PaliGemmaConfig:
-    """The preset whose LLM sizes match (same image size preferred), else the tiny one."""
+    """The preset whose LLM sizes match (same image size preferred), else the family's behaviour.
+
+    Sizes that match no preset get Gemma 1's or Gemma 2's published behaviour (the 3B presets':
+    query scale head_dim**-0.5, attention soft-cap 50 for Gemma 2, `compat`'s window and final
+    cap), never a test preset's.
+    """
     candidates = [
-        n for n in PRESETS if _llm_sizes(shapes_from_config(get_preset(n))) == _llm_sizes(s)
+        n
+        for n in PRESETS
+        if n not in TEST_PRESETS and _llm_sizes(shapes_from_config(get_preset(n))) == _llm_sizes(s)
     ]
     same_image = [n for n in candidates if get_preset(n).vision.image_size == s.image_size]
     if same_image or candidates:
         return get_preset((same_image or candidates)[0], compat=compat)
-    return get_preset("tiny-pg2" if s.gemma2 else "tiny", compat=compat)
+    return get_preset("pg2-3b-224" if s.gemma2 else "pg1-3b-224", compat=compat)
 
 
 def config_from_shapes(s: ModelShapes, *, compat: str = "big_vision") -> PaliGemmaConfig:
@@ -118,6 +125,76 @@ def config_from_shapes(s: ModelShapes, *, compat: str = "big_vision") -> PaliGem
     vision["image_size"] = s.image_size
     llm = {field: getattr(s, shape) for shape, field in _LLM_FIELDS.items()}
     return base.replace(vision=vision, llm=llm)
+
+
+# transformers' defaults for config.json fields a file may leave out (Gemma2Config, GemmaConfig).
+_GEMMA2_DEFAULTS = {
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "sliding_window": 4096,
+    "query_pre_attn_scalar": 256,
+}
+
+
+def _rope_base(text: dict[str, Any]) -> float:
+    """rope_parameters.rope_theta (transformers 5.x, which wins there) or rope_theta (4.x)."""
+    parameters = text.get("rope_parameters") or {}
+    return float(parameters.get("rope_theta") or text.get("rope_theta") or 10_000.0)
+
+
+def _window(text: dict[str, Any], depth: int, source: str) -> int | None:
+    """The sliding window of a Gemma 2 text config: None when every layer is global.
+
+    Our model (like transformers' Gemma 2) puts the window on even layers; `layer_types`, when
+    the file has it, must say that or 'full_attention' everywhere.
+    """
+    window = text.get("sliding_window", _GEMMA2_DEFAULTS["sliding_window"])
+    types = text.get("layer_types")
+    if types is None:
+        return int(window) if window else None
+    alternating = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(depth)]
+    if list(types) == ["full_attention"] * depth or not window:
+        return None
+    if list(types) == alternating:
+        return int(window)
+    raise WeightsError(
+        f"{source}: text_config.layer_types={list(types)} is not supported; the model puts the "
+        "sliding window on layers 0, 2, 4, ... ('sliding_attention' there, 'full_attention' on "
+        "odd layers) or on none."
+    )
+
+
+def config_from_hf(
+    hf_config: dict[str, Any], s: ModelShapes, source: str = "config.json"
+) -> PaliGemmaConfig:
+    """The config of an HF checkpoint: sizes `s` from its tensors, behaviour from its config.json.
+
+    Read from `text_config`: rms_norm_eps, rope_theta, and for Gemma 2 attn_logit_softcapping,
+    final_logit_softcapping, sliding_window (+ layer_types) and query_pre_attn_scalar; from
+    `vision_config`: layer_norm_eps. Fields the file leaves out take transformers' defaults.
+    """
+    text = dict(hf_config.get("text_config") or {})
+    vision = dict(hf_config.get("vision_config") or {})
+    config = config_from_shapes(s)
+    llm: dict[str, Any] = {
+        "norm_eps": float(text.get("rms_norm_eps", 1e-6)),
+        "rope_base": _rope_base(text),
+        "attn_logits_softcap": None,
+        "final_logits_softcap": None,
+        "sliding_window": None,
+        "query_pre_attn_scalar": None,
+    }
+    if s.gemma2:
+        get = lambda key: text.get(key, _GEMMA2_DEFAULTS[key])
+        scalar = get("query_pre_attn_scalar")
+        llm.update(
+            attn_logits_softcap=float(get("attn_logit_softcapping") or 0) or None,
+            final_logits_softcap=float(get("final_logit_softcapping") or 0) or None,
+            sliding_window=_window(text, s.depth, source),
+            query_pre_attn_scalar=None if scalar in (None, s.head_dim) else float(scalar),
+        )
+    vision_eps = float(vision.get("layer_norm_eps", 1e-6))
+    return config.replace(llm=llm, vision={"norm_eps": vision_eps})
 
 
 def _number(value: float) -> int | float:

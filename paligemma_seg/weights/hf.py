@@ -127,10 +127,17 @@ _VISION_LAYER = (
     ("mlp.fc2.weight", "MlpBlock_0/Dense_1/kernel", None, LINEAR),
     ("mlp.fc2.bias", "MlpBlock_0/Dense_1/bias", None, SAME),
 )
-_TEXT_LAYER = (
+_TEXT_QKV_SEPARATE = (
     ("self_attn.q_proj.weight", "attn/q_einsum/w", None, TEXT_QKV),
     ("self_attn.k_proj.weight", "attn/kv_einsum/w", 0, TEXT_QKV),
     ("self_attn.v_proj.weight", "attn/kv_einsum/w", 1, TEXT_QKV),
+)
+_TEXT_QKV_FUSED = (  # K == N: big_vision's qkv_einsum [L, 3, N, D, H].
+    ("self_attn.q_proj.weight", "attn/qkv_einsum/w", 0, TEXT_QKV),
+    ("self_attn.k_proj.weight", "attn/qkv_einsum/w", 1, TEXT_QKV),
+    ("self_attn.v_proj.weight", "attn/qkv_einsum/w", 2, TEXT_QKV),
+)
+_TEXT_LAYER = (
     ("self_attn.o_proj.weight", "attn/attn_vec_einsum/w", None, TEXT_OUT),
     ("mlp.gate_proj.weight", "mlp/gating_einsum", 0, LINEAR),  # gelu branch
     ("mlp.up_proj.weight", "mlp/gating_einsum", 1, LINEAR),
@@ -156,7 +163,11 @@ class Stack(NamedTuple):
 
 def stacks(s: ModelShapes) -> list[Stack]:
     """Group the per-layer table rows by our key."""
-    text_rows = _TEXT_LAYER + (_TEXT_NORMS_GEMMA2 if s.gemma2 else _TEXT_NORMS_GEMMA1)
+    text_rows = (
+        (_TEXT_QKV_FUSED if s.fused_qkv else _TEXT_QKV_SEPARATE)
+        + _TEXT_LAYER
+        + (_TEXT_NORMS_GEMMA2 if s.gemma2 else _TEXT_NORMS_GEMMA1)
+    )
     groups: dict[str, list] = {}
     depths: dict[str, int] = {}
     for prefix_hf, prefix_ours, depth, rows in (

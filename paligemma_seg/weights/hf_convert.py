@@ -6,6 +6,7 @@ tensor at a time (`hf_tensor_plan`), so neither direction holds two copies of a 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -30,13 +31,17 @@ from paligemma_seg.weights.hf import (
 from paligemma_seg.weights.safetensors import ArraySource, PlannedTensor, TensorSource
 from paligemma_seg.weights.spec import (
     MAX_LISTED,
+    Index,
+    LeafSource,
     LoadInfo,
     ModelShapes,
     WeightsError,
     as_numpy,
+    block,
     check_dtypes,
     check_keys,
     check_shapes,
+    expected_shapes,
     flatten,
     numpy_dtype,
     unflatten,
@@ -56,18 +61,24 @@ def _canonical_names(names: list[str]) -> dict[str, str]:
     return mapping
 
 
-def _read_stack(
-    stack: Stack, s: ModelShapes, read: Callable[[str], np.ndarray], dtype
+def read_stack(
+    stack: Stack,
+    s: ModelShapes,
+    read: Callable[[str], np.ndarray],
+    dtype: Any,
+    layers: range | None = None,
 ) -> np.ndarray:
-    """Fill one stacked parameter layer by layer, so only one source tensor is held at a time."""
+    """Fill one stacked parameter (its `layers`, default all) layer by layer, so only one source
+    tensor is held at a time."""
+    layers = range(stack.depth) if layers is None else layers
     out = None
-    for i in range(stack.depth):
+    for row, i in enumerate(layers):
         for slot, template, transform in stack.parts:
             value = transform.to_ours(read(template.format(i=i)), s)
             if out is None:
                 part_shape = value.shape if slot is None else (len(stack.parts), *value.shape)
-                out = np.empty((stack.depth, *part_shape), dtype or value.dtype)
-            out[(i,) if slot is None else (i, slot)] = value
+                out = np.empty((len(layers), *part_shape), dtype or value.dtype)
+            out[(row,) if slot is None else (row, slot)] = value
     return out
 
 
@@ -146,12 +157,56 @@ def params_from_source(
         value = transform.to_ours(read(name), s)
         flat[key] = value.astype(out_dtype) if out_dtype and value.dtype != out_dtype else value
     for stack in stacks(s):
-        flat[stack.key] = _read_stack(stack, s, read, out_dtype)
+        flat[stack.key] = read_stack(stack, s, read, out_dtype)
         if progress:
             progress(f"converted {stack.key} {flat[stack.key].shape}")
     embedding, vocab_notes = _strip_vocab(flat["llm/embedder/input_embedding"], vocab_size)
     flat["llm/embedder/input_embedding"] = embedding
     return unflatten(flat), notes + vocab_notes
+
+
+def leaf_sources(
+    source: TensorSource, hf_config: Any, *, vocab_size: int | None = None
+) -> tuple[dict[str, LeafSource], ModelShapes]:
+    """Checked HF tensors -> key -> LeafSource of big_vision's tree, and the model sizes.
+
+    A block of a stacked parameter reads only the layers it spans (one HF tensor at a time);
+    the embedding keeps `kept_vocab` rows. Nothing is read before a `read` call.
+    """
+    names, s = check_hf_source(source, hf_config)
+    _check_tied_head(source, names)
+    read_hf = lambda hub: source.read(names[hub])
+    table = expected_shapes(s)
+    leaves: dict[str, LeafSource] = {}
+    for name, key, transform in GLOBALS:
+        shape = table[key]
+        dtype = np.dtype(numpy_dtype(source.dtypes[names[name]]))
+
+        def read(index: Index | None, name=name, transform=transform) -> np.ndarray:
+            return np.asarray(block(transform.to_ours(read_hf(name), s), index))
+
+        leaves[key] = LeafSource(shape, dtype, read)
+    for stack in stacks(s):
+        shape = table[stack.key]
+        first = names[stack.parts[0][1].format(i=0)]
+        dtype = np.dtype(numpy_dtype(source.dtypes[first]))
+
+        def read(index: Index | None, stack=stack) -> np.ndarray:
+            layers = range(stack.depth) if index is None else range(stack.depth)[index[0]]
+            part = read_stack(stack, s, read_hf, None, layers)
+            return part if index is None else part[(slice(None), *index[1:])]
+
+        leaves[stack.key] = LeafSource(shape, dtype, read)
+    embedding = leaves["llm/embedder/input_embedding"]
+    keep = kept_vocab(embedding.shape[0], vocab_size)
+    if keep != embedding.shape[0]:
+        full = embedding.read
+        leaves["llm/embedder/input_embedding"] = LeafSource(
+            (keep, *embedding.shape[1:]),
+            embedding.dtype,
+            lambda index: block(full((slice(0, keep),)), index),
+        )
+    return leaves, dataclasses.replace(s, vocab_size=keep)
 
 
 def params_from_hf_state_dict(

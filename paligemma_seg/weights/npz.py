@@ -19,11 +19,14 @@ import ml_dtypes
 import numpy as np
 
 from paligemma_seg.weights.spec import (
+    Index,
+    LeafSource,
     LoadInfo,
     ModelShapes,
     Progress,
     WeightsError,
     as_numpy,
+    block,
     check_dtypes,
     check_keys,
     check_shapes,
@@ -156,13 +159,66 @@ def load_npz(
     return unflatten(flat), info
 
 
+def _data_offset(path: pathlib.Path, info: zipfile.ZipInfo) -> tuple[int, bool]:
+    """(file offset of a stored member's .npy array data, Fortran order)."""
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise WeightsError(f"{path}: bad local header for {info.filename!r} (corrupt file?)")
+        name_length = int.from_bytes(local[26:28], "little")
+        extra_length = int.from_bytes(local[28:30], "little")
+        f.seek(info.header_offset + 30 + name_length + extra_length)
+        version = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if version == (1, 0)
+            else np.lib.format.read_array_header_2_0
+        )
+        _, fortran_order, _ = read(f)
+        return f.tell(), fortran_order
+
+
+def leaf_sources(path: str | os.PathLike) -> tuple[dict[str, LeafSource], ModelShapes]:
+    """Checked headers -> key -> LeafSource, and the model sizes; no array data is read yet.
+
+    Members stored uncompressed (np.savez, big_vision's releases) are memory-mapped, so a block
+    reads only its own bytes; compressed members (np.savez_compressed) are read whole per call.
+    """
+    entries, shapes = check_npz(path)
+    path, zf = _open(path)
+    with zf:
+        infos = {info.filename: info for info in zf.infolist()}
+
+    def reader(entry: NpzEntry) -> LeafSource:
+        info = infos[entry.member]
+        if info.compress_type == zipfile.ZIP_STORED:
+            offset, fortran = _data_offset(path, info)
+            order = "F" if fortran else "C"
+
+            def read(index: Index | None) -> np.ndarray:
+                mapped = np.memmap(path, entry.dtype, "r", offset, entry.shape, order)
+                return np.array(block(mapped, index))
+
+        else:
+
+            def read(index: Index | None) -> np.ndarray:
+                with zipfile.ZipFile(path) as archive:
+                    return np.array(block(_read_array(archive, entry, path), index))
+
+        return LeafSource(entry.shape, entry.dtype, read)
+
+    return {key: reader(entry) for key, entry in entries.items()}, shapes
+
+
 def save_npz(
     params: Mapping[str, Any], path: str | os.PathLike, *, progress: Progress = None
 ) -> pathlib.Path:
     """Write the tree as a big_vision .npz (flat `/` keys, no prefix), atomically.
 
     Arrays are written one at a time (a device array is copied to the host only while it is
-    written); bfloat16 is stored the way numpy stores it (2-byte void), as big_vision does.
+    written; a leaf may also be a function returning its array, called when it is written, in
+    sorted key order); bfloat16 is stored the way numpy stores it (2-byte void), as big_vision does.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -172,7 +228,7 @@ def save_npz(
     try:
         with zipfile.ZipFile(temporary, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for number, (key, value) in enumerate(sorted(flat.items()), start=1):
-                array = as_numpy(value)
+                array = as_numpy(value() if callable(value) else value)
                 with zf.open(key + ".npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, array, allow_pickle=False)
                 if progress:

@@ -186,16 +186,18 @@ def _write_shards(
 def write_directory(
     directory: str | os.PathLike,
     tensors: list[PlannedTensor],
-    json_files: Mapping[str, Any],
+    files: Mapping[str, Any],
     *,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     overwrite: bool = False,
     progress: Progress = None,
 ) -> pathlib.Path:
-    """Write tensors (sharded if big) and JSON files into a temporary directory, then rename it.
+    """Write tensors (sharded if big) and `files` into a temporary directory, then rename it.
 
-    An interrupted write leaves no partial `directory`. An existing `directory` is an error unless
-    `overwrite`, in which case it is replaced only after the new one is complete.
+    `files` maps a name to its content: bytes are written as they are, a path (os.PathLike) is
+    copied, anything else is written as JSON. An interrupted write leaves no partial `directory`.
+    An existing `directory` is an error unless `overwrite`, in which case it is replaced only after
+    the new one is complete.
     """
     target = pathlib.Path(directory)
     if target.exists() and not overwrite:
@@ -204,14 +206,24 @@ def write_directory(
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _write_shards(staging, plan_shards(tensors, max_shard_bytes), progress)
-        for name, content in json_files.items():
-            (staging / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        for name, content in files.items():
+            _write_file(staging / name, content)
         staging.chmod(0o755)  # mkdtemp makes it private
         _replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _write_file(path: pathlib.Path, content: Any) -> None:
+    """bytes verbatim, a path copied, anything else as JSON."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, os.PathLike):
+        shutil.copyfile(content, path)
+    else:
+        path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_directory(new: pathlib.Path, target: pathlib.Path) -> None:

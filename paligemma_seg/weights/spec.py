@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
@@ -22,6 +22,8 @@ Progress = Callable[[str], None] | None  # called with one line per step of a lo
 VIT_BLOCK = "img/Transformer/encoderblock/"
 LLM_LAYERS = "llm/layers/"
 GEMMA2_ONLY_KEYS = (LLM_LAYERS + "post_attention_norm/scale", LLM_LAYERS + "post_ffw_norm/scale")
+# With as many KV heads as query heads (no groups), big_vision fuses q, k, v into one einsum.
+FUSED_QKV_KEY = LLM_LAYERS + "attn/qkv_einsum/w"
 
 
 class WeightsError(ValueError):
@@ -64,6 +66,31 @@ class ModelShapes:
     def image_size(self) -> int:
         """Image side in pixels, from the number of patches."""
         return math.isqrt(self.num_patches) * self.patch_size
+
+    @property
+    def fused_qkv(self) -> bool:
+        """q, k, v live in one `qkv_einsum` (big_vision's layout when K == N)."""
+        return self.num_kv_heads == self.num_heads
+
+
+Index = tuple[slice, ...]  # A block of an array, as jax.make_array_from_callback asks for it.
+
+
+class LeafSource(NamedTuple):
+    """One parameter of a checkpoint, readable in blocks without loading the rest of the file.
+
+    `read(index)` returns the block `index` (None: the whole array) in the stored `dtype`; readers
+    read only the bytes (npz) or layers (HF) that the block needs where the format allows it.
+    """
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[Index | None], np.ndarray]
+
+
+def block(array: np.ndarray, index: Index | None) -> np.ndarray:
+    """`array[index]` (the whole array for None)."""
+    return array if index is None else array[index]
 
 
 def format_keys(keys: Iterable[str], limit: int = MAX_LISTED) -> str:
@@ -162,10 +189,16 @@ def _llm_shapes(s: ModelShapes) -> dict[str, tuple[int, ...]]:
     norms = ["pre_attention_norm", "pre_ffw_norm"]
     if s.gemma2:
         norms += ["post_attention_norm", "post_ffw_norm"]
+    if s.fused_qkv:
+        projections = {FUSED_QKV_KEY: (layers, 3, s.num_heads, width, s.head_dim)}
+    else:
+        projections = {
+            LLM_LAYERS + "attn/q_einsum/w": (layers, s.num_heads, width, s.head_dim),
+            LLM_LAYERS + "attn/kv_einsum/w": (layers, 2, s.num_kv_heads, width, s.head_dim),
+        }
     shapes = {
         "llm/embedder/input_embedding": (s.vocab_size, width),
-        LLM_LAYERS + "attn/q_einsum/w": (layers, s.num_heads, width, s.head_dim),
-        LLM_LAYERS + "attn/kv_einsum/w": (layers, 2, s.num_kv_heads, width, s.head_dim),
+        **projections,
         LLM_LAYERS + "attn/attn_vec_einsum/w": (layers, s.num_heads, s.head_dim, width),
         LLM_LAYERS + "mlp/gating_einsum": (layers, 2, width, s.mlp),
         LLM_LAYERS + "mlp/linear": (layers, s.mlp, width),
@@ -181,15 +214,16 @@ def expected_shapes(s: ModelShapes) -> dict[str, tuple[int, ...]]:
     return {**_vision_shapes(s), **_llm_shapes(s)}
 
 
-def unit_shapes(gemma2: bool) -> ModelShapes:
-    """Every size 1: enough to list the keys and the rank of each."""
+def unit_shapes(gemma2: bool, fused_qkv: bool = False) -> ModelShapes:
+    """Sizes of 1 (2 query heads when q/k/v are separate): enough to list the keys and ranks."""
     sizes = {f.name: 1 for f in dataclasses.fields(ModelShapes) if f.name != "gemma2"}
+    sizes["num_heads"] = 1 if fused_qkv else 2
     return ModelShapes(**sizes, gemma2=gemma2)
 
 
-def expected_keys(gemma2: bool) -> set[str]:
+def expected_keys(gemma2: bool, fused_qkv: bool = False) -> set[str]:
     """Key names of the tree of a PaliGemma 1 (gemma2=False) or PaliGemma 2 model."""
-    return set(expected_shapes(unit_shapes(gemma2)))
+    return set(expected_shapes(unit_shapes(gemma2, fused_qkv)))
 
 
 # Where each size is read: (key, axis). Ranks are checked before reading.
@@ -211,11 +245,22 @@ _SIZE_SOURCES = {
 }
 
 
+# A fused tree reads the attention sizes from qkv_einsum [L, 3, N, D, H] instead (K = N).
+_FUSED_SIZE_SOURCES = {
+    "depth": (FUSED_QKV_KEY, 0),
+    "num_heads": (FUSED_QKV_KEY, 2),
+    "num_kv_heads": (FUSED_QKV_KEY, 2),
+    "head_dim": (FUSED_QKV_KEY, 4),
+}
+
+
 def shapes_from_tree(shapes: Mapping[str, tuple[int, ...]]) -> ModelShapes:
     """Read the model sizes from a flat key -> shape mapping (ranks checked, consistency not)."""
-    reference = expected_shapes(unit_shapes(gemma2=False))
+    fused = FUSED_QKV_KEY in shapes
+    reference = expected_shapes(unit_shapes(gemma2=False, fused_qkv=fused))
+    sources = {**_SIZE_SOURCES, **(_FUSED_SIZE_SOURCES if fused else {})}
     sizes = {}
-    for field, (key, axis) in _SIZE_SOURCES.items():
+    for field, (key, axis) in sources.items():
         found = tuple(shapes[key])
         if len(found) != len(reference[key]):
             raise WeightsError(
@@ -229,7 +274,8 @@ def shapes_from_tree(shapes: Mapping[str, tuple[int, ...]]) -> ModelShapes:
 def check_keys(keys: Iterable[str], source: str) -> None:
     """Raise a WeightsError listing missing and unexpected keys (PG2 told by its post-norms)."""
     keys = set(keys)
-    wanted = expected_keys(gemma2=any(k in keys for k in GEMMA2_ONLY_KEYS))
+    gemma2 = any(k in keys for k in GEMMA2_ONLY_KEYS)
+    wanted = expected_keys(gemma2, fused_qkv=FUSED_QKV_KEY in keys)
     missing, unexpected = wanted - keys, keys - wanted
     if missing or unexpected:
         raise WeightsError(key_set_message(source, missing, unexpected))

@@ -15,13 +15,16 @@ unless `keep_suspicious`; empty masks are negatives and kept (see `data.pairs`).
 and crop while the parent encodes crops with the VQ-VAE in batches of exactly ENCODE_BATCH (one
 compiled shape), and decodes each distinct code once for the ceiling. Output is the same for any
 worker count and appears only at the end: it is staged in a temporary folder, then renamed
-(report.json last).
+(report.json last). `report.json`'s settings name the VQ-VAE file that made the `<seg>` codes and
+the tokenizer the data is meant for (null when none was given), each as {path, sha256}; training
+refuses JSONL made with another VQ-VAE than its config's (`data.prepare`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -36,7 +39,16 @@ from tqdm import tqdm
 from paligemma_seg.data import pairs
 from paligemma_seg.data.pairs import Listing, Pair, PathLike, Prepared, find_pairs, read_split_file
 
-__all__ = ["Listing", "Pair", "convert", "find_pairs", "load_codec", "read_split_file"]
+__all__ = [
+    "Listing",
+    "Pair",
+    "convert",
+    "file_sha256",
+    "find_codec_file",
+    "find_pairs",
+    "load_codec",
+    "read_split_file",
+]
 
 DEFAULT_CODEC = "checkpoints/vqvae_small.npz"
 DEFAULT_PREFIX = "segment water"
@@ -223,10 +235,31 @@ def _publish(staging: pathlib.Path, out: pathlib.Path, texts: dict[str, str]) ->
         os.replace(staging / name, out / name)
 
 
-def load_codec(path: PathLike = DEFAULT_CODEC, **config_overrides: Any) -> Any:
-    """MaskCodec from a VQ-VAE npz (cwd-relative, else repo-relative) and CodecConfig overrides."""
-    from paligemma_seg.segtokens import codec, vqvae
+def file_sha256(path: PathLike) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks (a local path or gs://...)."""
+    from etils import epath
 
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_record(path: PathLike | None, what: str) -> dict[str, str] | None:
+    """{path (absolute), sha256} of a file that made or goes with the data; None for no file."""
+    if path is None:
+        return None
+    text = os.fspath(path)
+    try:
+        sha256 = file_sha256(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise ValueError(f"{what} file {text} not found") from None
+    return {"path": text if "://" in text else os.path.abspath(text), "sha256": sha256}
+
+
+def find_codec_file(path: PathLike = DEFAULT_CODEC) -> pathlib.Path:
+    """The VQ-VAE npz at `path` (cwd-relative, else repo-relative); ValueError if neither exists."""
     candidates = [pathlib.Path(path), pathlib.Path(__file__).resolve().parents[3] / path]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
@@ -234,6 +267,14 @@ def load_codec(path: PathLike = DEFAULT_CODEC, **config_overrides: Any) -> Any:
             f"codec file {path} not found; train one with `python -m paligemma_seg.segtokens"
             ".train_vqvae` or pass --codec PATH (vae-oid.npz for real PaliGemma weights)."
         )
+    return found
+
+
+def load_codec(path: PathLike = DEFAULT_CODEC, **config_overrides: Any) -> Any:
+    """MaskCodec from a VQ-VAE npz (cwd-relative, else repo-relative) and CodecConfig overrides."""
+    from paligemma_seg.segtokens import codec, vqvae
+
+    found = find_codec_file(path)
     return codec.MaskCodec(vqvae.load(found), codec.CodecConfig(**config_overrides))
 
 
@@ -250,15 +291,26 @@ def convert(
     absolute_paths: bool = False,
     ceiling: bool = True,
     progress: bool = True,
+    vqvae_path: PathLike | None = None,
+    tokenizer_path: PathLike | None = None,
 ) -> dict:
     """Converts a data set as the module docstring says and returns the report it writes.
 
     codec: a `segtokens.codec.MaskCodec` (default `load_codec()`); splits: split name -> list file
     (default: one split "all" with every image); workers: processes (default: the CPU cores).
+    vqvae_path: the file `codec`'s VQ-VAE was loaded from (default: DEFAULT_CODEC's file when
+    `codec` is None, else unknown: null); tokenizer_path: the tokenizer the data is meant for
+    (default null). Both are only recorded in report.json, with their sha256.
     """
     out_dir = pathlib.Path(out).resolve()
     listing = find_pairs(images, masks, splits)
-    mask_codec = codec if codec is not None else load_codec()
+    if codec is None:
+        vqvae_path = vqvae_path or find_codec_file()
+    mask_codec = codec if codec is not None else load_codec(vqvae_path)
+    files = {
+        "vqvae": _file_record(vqvae_path, "VQ-VAE"),
+        "tokenizer": _file_record(tokenizer_path, "tokenizer"),
+    }
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     workers = min(workers or cores or 1, max(1, len(listing.pairs)))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -292,6 +344,7 @@ def convert(
             "codec": dataclasses.asdict(mask_codec.config),
             "keep_suspicious": keep_suspicious,
             "absolute_paths": absolute_paths,
+            **files,
         }
         report = _report(entries, split_names, listing, settings)
         texts = {f"{s}.jsonl": "".join(lines[s]) for s in split_names}

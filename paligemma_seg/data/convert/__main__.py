@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--prefix", default=convert_lib.DEFAULT_PREFIX, help="the prompt of every example")
     add("--label", default="water", help="the label written after each object's tokens")
     add("--codec", default=convert_lib.DEFAULT_CODEC, help="VQ-VAE npz in vae-oid format")
+    add(
+        "--tokenizer",
+        help="the tokenizer the data is meant for: only recorded in report.json with its sha256 "
+        "(default: null; conversion does not tokenize)",
+    )
     add("--threshold", type=int, help="grey level above which a mask pixel is water")
     add("--max-objects", type=int, help="objects per mask, largest first")
     add("--whole-mask", action="store_true", help="one box over all water instead of one per part")
@@ -60,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             overrides[key] = getattr(args, key)
     pairs.start_workers_early()  # its imports overlap load_codec's
     try:
+        codec_file = convert_lib.find_codec_file(args.codec)
         report = convert_lib.convert(
             args.images,
             args.masks,
             args.out,
             splits or None,
             prefix=args.prefix,
-            codec=convert_lib.load_codec(args.codec, **overrides),
+            codec=convert_lib.load_codec(codec_file, **overrides),
+            vqvae_path=codec_file,
+            tokenizer_path=args.tokenizer,
             keep_suspicious=args.keep_suspicious,
             workers=args.workers,
             absolute_paths=args.absolute_paths,
