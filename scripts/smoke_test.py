@@ -75,7 +75,7 @@ TINY = {  # tests/train_fixtures.py's tiny model
 
 def floors() -> dict[str, str]:
     """Core dependency name -> its `>=` floor, for this platform's lines of pyproject.toml."""
-    from packaging.markers import Marker  # packaging comes with setuptools/wheel/pip
+    from packaging.markers import Marker  # packaging: a dependency of tensorflow and others
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     result = {}
@@ -91,11 +91,13 @@ def floors() -> dict[str, str]:
 
 
 def check_floors() -> None:
-    """Every core dependency installed at exactly its floor."""
+    """Every core dependency installed at exactly its floor (2.0 == 2.0.0, as PEP 440 says)."""
+    from packaging.version import Version
+
     wrong = {}
     for name, floor in floors().items():
         installed = importlib.metadata.version(name)
-        if installed != floor and not installed.startswith(floor + "."):
+        if Version(installed) != Version(floor):
             wrong[name] = f"floor {floor}, installed {installed}"
     if wrong:
         raise SystemExit(f"smoke: FAILED: not installed at their floors: {wrong}")

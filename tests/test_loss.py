@@ -131,24 +131,22 @@ def _step(normalize: str, grad_accum: int):
 @pytest.mark.parametrize("normalize", ["token", "example"])
 def test_train_step_loss_and_gradients_with_and_without_accumulation(normalize):
     config, params, _, batch = _setup()
-    logits = PaliGemma(config).apply(
-        {"params": params}, *(batch[k] for k in ("image", "text", "mask_ar", "mask_input"))
-    )
-    token, example = _numpy_losses(logits, batch["text"], batch["mask_loss"])
-    expected = {"token": token, "example": example}[normalize]
 
     def loss(params):
-        out = PaliGemma(config).apply(
+        logits = PaliGemma(config).apply(
             {"params": params}, *(batch[k] for k in ("image", "text", "mask_ar", "mask_input"))
         )
-        total, count = next_token_loss(out, batch["text"], batch["mask_loss"], normalize=normalize)
-        return total / count
+        total, count = next_token_loss(
+            logits, batch["text"], batch["mask_loss"], normalize=normalize
+        )
+        return total / count, logits
 
-    grads = jax.grad(loss)(params)
+    (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    token, example = _numpy_losses(logits, batch["text"], batch["mask_loss"])
+    expected = {"token": token, "example": example}[normalize]
     one, metrics_one = _step(normalize, 1)
-    two, metrics_two = _step(
-        normalize, 2
-    )  # micro-batches rows (0, 2) and (1, 3): 5+3 vs 1+0 targets
+    # Micro-batches take rows (0, 2) and (1, 3): 5 + 3 and 1 + 0 supervised targets.
+    two, metrics_two = _step(normalize, 2)
     for metrics in (metrics_one, metrics_two):
         np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
         assert metrics["supervised_tokens"] == sum(SUPERVISED)

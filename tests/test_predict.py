@@ -262,7 +262,8 @@ def gs_bucket(monkeypatch, tmp_path):
             return _GsInRam(super().gfile)
 
     monkeypatch.setattr(backend, "tf_backend", RamBackend())
-    monkeypatch.setattr(gpath, "_is_zonal_gcs_bucket", lambda bucket: False)  # no cloud lookup
+    # No cloud lookup (etils >= 1.15 asks whether a bucket is zonal).
+    monkeypatch.setattr(gpath, "_is_zonal_gcs_bucket", lambda bucket: False, raising=False)
     root = f"gs://test-bucket/{tmp_path.name}"
     yield root
     assert not (pathlib.Path.cwd() / "gs:").exists()  # nothing went to a local "gs:" folder
