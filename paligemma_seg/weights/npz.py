@@ -55,16 +55,18 @@ def _stored_dtype(dtype: np.dtype) -> np.dtype:
     return dtype
 
 
+def _read_npy_header(f: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, Fortran order, dtype) of the .npy stream at `f`, which is left at the data."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
 def _header(zf: zipfile.ZipFile, member: str, path: pathlib.Path) -> NpzEntry:
     """Shape and dtype of one member, from its .npy header only."""
     with zf.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        read = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, fortran_order, dtype = read(f)
+        shape, _, dtype = _read_npy_header(f)
     if dtype.hasobject:
         raise WeightsError(
             f"{path}: array {member!r} holds Python objects and could only be read by unpickling, "
@@ -169,13 +171,7 @@ def _data_offset(path: pathlib.Path, info: zipfile.ZipInfo) -> tuple[int, bool]:
         name_length = int.from_bytes(local[26:28], "little")
         extra_length = int.from_bytes(local[28:30], "little")
         f.seek(info.header_offset + 30 + name_length + extra_length)
-        version = np.lib.format.read_magic(f)
-        read = (
-            np.lib.format.read_array_header_1_0
-            if version == (1, 0)
-            else np.lib.format.read_array_header_2_0
-        )
-        _, fortran_order, _ = read(f)
+        _, fortran_order, _ = _read_npy_header(f)
         return f.tell(), fortran_order
 
 
