@@ -82,15 +82,13 @@ def configure_logging(process_index: int) -> None:
     quiet_libraries()
 
 
-def start_up(
-    mode: str = "auto",
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> None:
-    """Joins a multi-host run if there is one (before anything touches a device), then logging."""
+def start_up(**distributed: Any) -> None:
+    """Joins a multi-host run if there is one (before anything touches a device), then logging.
+
+    `distributed`: keyword arguments of `initialize_distributed` (default: auto-detection).
+    """
     quiet_libraries()
-    initialize_distributed(mode, coordinator_address, num_processes, process_id)
+    initialize_distributed(**distributed)
     configure_logging(jax.process_index())
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Mapping
+from typing import Any
 
 import ml_collections
 
@@ -16,3 +18,22 @@ def load(path: str | os.PathLike) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config()
+
+
+def apply_overrides(
+    cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """`cfg` with dotted keys set (`{"optim.lr": 0.1}`), as `--config.optim.lr=0.1` would; locked.
+
+    A key that the config does not have raises a KeyError naming it.
+    """
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        node = cfg
+        for parent in parents:
+            node = node[parent]
+        if last not in node:
+            raise KeyError(f"config key {key!r} does not exist (see configs/base.py)")
+        node[last] = value
+    cfg.lock()
+    return cfg

@@ -6,9 +6,9 @@ r"""Smoke test of an installation: the package imports, trains, checkpoints, dec
 (every core dependency at its floor in pyproject.toml), so a floor that no longer works fails CI.
 On CPU, in a temporary directory, ~1.5 min on 2 cores:
 
-1. train configs/water_tiny.py shrunk to a tiny model in bf16 compute for 3 steps of batch 4 as
-   two processes (`python -m paligemma_seg.train --num_processes=2`, one CPU device each):
-   generating 20 tiles of 32 px and converting them (the codec encodes masks), the tf.data
+1. train configs/water_micro.py (water_tiny's smallest model) in bf16 compute for 3 steps of
+   batch 4 as two processes (`python -m paligemma_seg.train --num_processes=2`, one CPU device
+   each): generating 20 tiles of 32 px and converting them (the codec encodes masks), the tf.data
    pipeline, the jitted sharded train step (AdamW, soft targets), validation loss, orbax
    checkpoints written by both (step 2, inside the mesh, and 3), params.npz, then decoding +
    scoring the 2 test tiles (infer.decode under the grammar, VQ-VAE decoder, eval.json);
@@ -41,7 +41,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-TINY = {  # tests/train_fixtures.py's tiny model
+CONFIG = REPO / "configs" / "water_micro.py"  # the tiny model, as the tests use it
+TINY = {  # a short run of it
     "total_steps": 3,
     "batch_size": 4,
     "seq_len": 32,
@@ -53,17 +54,6 @@ TINY = {  # tests/train_fixtures.py's tiny model
     "eval.batch_size": 4,
     "eval.contact_sheet_rows": 2,
     "model.overrides.dtype": "bfloat16",  # the real configs' compute dtype
-    "model.overrides.vision.image_size": 28,
-    "model.overrides.vision.width": 32,
-    "model.overrides.vision.depth": 1,
-    "model.overrides.vision.mlp_dim": 64,
-    "model.overrides.vision.num_heads": 2,
-    "model.overrides.llm.width": 32,
-    "model.overrides.llm.depth": 2,
-    "model.overrides.llm.mlp_dim": 64,
-    "model.overrides.llm.num_heads": 2,
-    "model.overrides.llm.num_kv_heads": 1,
-    "model.overrides.llm.head_dim": 16,
     "data.synthetic.num_images": 20,
     "data.synthetic.size": 32,
     "data.num_parallel_calls": 1,
@@ -120,18 +110,10 @@ def overrides(root: pathlib.Path) -> dict[str, object]:
 
 
 def tiny_config(root: pathlib.Path):
-    """configs/water_tiny.py with `overrides(root)`, locked like the CLI's."""
+    """configs/water_micro.py with `overrides(root)`, locked like the CLI's."""
     from paligemma_seg import config_files
 
-    cfg = config_files.load(REPO / "configs" / "water_tiny.py")
-    for key, value in overrides(root).items():
-        *parents, last = key.split(".")
-        node = cfg
-        for parent in parents:
-            node = node[parent]
-        node[last] = value
-    cfg.lock()
-    return cfg
+    return config_files.apply_overrides(config_files.load(CONFIG), overrides(root))
 
 
 def train_two_processes(root: pathlib.Path, workdir: pathlib.Path) -> None:
@@ -144,7 +126,7 @@ def train_two_processes(root: pathlib.Path, workdir: pathlib.Path) -> None:
         "-m",
         "paligemma_seg.train",
         "--config",
-        str(REPO / "configs" / "water_tiny.py"),
+        str(CONFIG),
     ]
     args += [f"--workdir={workdir}", f"--coordinator_address=localhost:{port}", "--num_processes=2"]
     args += [f"--config.{key}={value}" for key, value in overrides(root).items()]

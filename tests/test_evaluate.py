@@ -65,7 +65,7 @@ def test_evaluate_cli_writes_eval_json_with_all_fields(setup, tmp_path):
         f"--config.eval.batch_size={cfg.eval.batch_size}",
         "--config.eval.contact_sheet_rows=3",
     ]
-    config = str(train_fixtures.REPO / "configs" / "water_tiny.py")
+    config = str(train_fixtures.TINY_CONFIG)
     argv = ["evaluate", "--config", config, *flags, f"--workdir={tmp_path}", f"--checkpoint={npz}"]
     assert evaluate.main([*argv, "--split=test"]) == 0
 

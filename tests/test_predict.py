@@ -111,7 +111,7 @@ def test_predict_cli_writes_masks_at_image_size(tiny, water_dir, tmp_path):
         f"--config.eval.batch_size={cfg.eval.batch_size}",
         f"--checkpoint={npz}",
     ]
-    argv = ["predict", "--config", str(train_fixtures.REPO / "configs" / "water_tiny.py"), *flags]
+    argv = ["predict", "--config", str(train_fixtures.TINY_CONFIG), *flags]
     assert predict.main([*argv, *images, str(folder), "--out", str(out)]) == 0
 
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]

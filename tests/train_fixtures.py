@@ -1,8 +1,8 @@
 """Helpers for the training tests: a tiny JSONL data set, a tiny config (in-process or as CLI flags),
 running the CLI in a subprocess, and one cached reference run per test session.
 
-The tiny model: SigLIP 28 px / patch 14 (4 image tokens), width 32, 1 layer; Gemma width 32, 2 layers,
-2 heads, 1 KV head; the project's small tokenizer. Six steps of batch 8 take a few seconds.
+The tiny model is configs/water_micro.py: SigLIP 28 px / patch 14 (4 image tokens), width 32, 1
+layer; Gemma width 32, 2 layers, 2 heads, 1 KV head; the project's small tokenizer. Six steps of batch 8 take a few seconds.
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from paligemma_seg import config_files
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENIZER = REPO / "checkpoints" / "tokenizer_small.model"
+TINY_CONFIG = REPO / "configs" / "water_micro.py"  # the tiny model; `overrides` add the tiny run
 PREFIX = "segment water"
 
 
@@ -52,17 +55,6 @@ def overrides(jsonl_dir: pathlib.Path, **extra: Any) -> dict[str, Any]:
         "ckpt_steps": 3,
         "eval_steps": 0,
         "tokenizer": str(TOKENIZER),
-        "model.overrides.vision.image_size": 28,
-        "model.overrides.vision.width": 32,
-        "model.overrides.vision.depth": 1,
-        "model.overrides.vision.mlp_dim": 64,
-        "model.overrides.vision.num_heads": 2,
-        "model.overrides.llm.width": 32,
-        "model.overrides.llm.depth": 2,
-        "model.overrides.llm.mlp_dim": 64,
-        "model.overrides.llm.num_heads": 2,
-        "model.overrides.llm.num_kv_heads": 1,
-        "model.overrides.llm.head_dim": 16,
         # Per-object masks, as the tests were written for, whatever water_tiny's tuned codec is.
         "codec.whole_mask": False,
         "codec.max_objects": 4,
@@ -88,22 +80,14 @@ def load_config(name: str = "water_tiny") -> ml_collections.ConfigDict:
 
 
 def tiny_config(jsonl_dir: pathlib.Path, **extra: Any) -> ml_collections.ConfigDict:
-    """water_tiny with the tiny overrides, locked like the CLI's."""
-    cfg = load_config()
-    for key, value in overrides(jsonl_dir, **extra).items():
-        *parents, last = key.split(".")
-        node = cfg
-        for parent in parents:
-            node = node[parent]
-        node[last] = value
-    cfg.lock()
-    return cfg
+    """configs/water_micro.py with the tiny run's overrides, locked like the CLI's."""
+    return config_files.apply_overrides(load_config("water_micro"), overrides(jsonl_dir, **extra))
 
 
 def cli_args(jsonl_dir: pathlib.Path, workdir: pathlib.Path, **extra: Any) -> list[str]:
     """`python -m paligemma_seg.train ...` arguments for the tiny run."""
     flags = [f"--config.{k}={v}" for k, v in overrides(jsonl_dir, **extra).items()]
-    config = str(REPO / "configs" / "water_tiny.py")
+    config = str(TINY_CONFIG)
     return [
         sys.executable,
         "-m",

@@ -43,7 +43,12 @@ def main(argv: list[str]) -> None:
     if cfg is None:
         raise app.UsageError("--config is required, e.g. --config configs/water_tiny.py")
     # Nothing may touch a device before this.
-    cli.start_up(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cli.start_up(
+        mode=_DISTRIBUTED.value,
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
+    )
     import jax
 
     workdir = _WORKDIR.value or cfg.workdir
