@@ -68,7 +68,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.splits.train = "../shared/data/water_bodies/train_images.txt"  # 164 images.
     c.data.splits.test = "../shared/data/water_bodies/test_images.txt"  # 21 images.
     c.data.jsonl_dir = "data/water_jsonl_vaeoid"  # NAME.jsonl per split; converted if missing.
-    c.data.prefix = "segment water"  # Prompt of every example.
+    c.data.prefix = "segment water"  # Prompt of every example (binary masks).
+    # Class-id masks: '1=water,2=building' or a classes.json file ('' = binary masks). Lines then
+    # ask for every class ('segment water ; building') and answer with labelled objects.
+    c.data.classes = ""
+    # COCO instance JSON instead of data.masks: split name -> annotation file (data.splits unused).
+    c.data.coco = ml_collections.ConfigDict()  # e.g. {'train': 'train.json', 'test': 'test.json'}
+    # How multi-class lines are asked (paligemma_seg/data/tasks.py): 'joint' (all classes in one
+    # prompt) or 'per_class' (one example per class present, plus absent-class negatives).
+    c.data.prompts = "joint"
+    c.data.negative_rate = 0.5  # per_class: chance that an absent class is asked (answer: empty).
+    c.data.tasks = "segment"  # 'segment', 'detect' or 'segment,detect' (boxes from the same data).
+    # More JSONL files trained alongside the train split: a list of {'jsonl': PATH, 'weight': W};
+    # the train split has weight data.train_weight. Other tools' lines (captions, VQA, detect,
+    # segment) are welcome: their <loc>/<seg> syntax is checked, bad lines named by file:line.
+    c.data.mixture = []  # [{'jsonl': PATH, 'weight': W}, ...]; [] = the train split alone.
+    c.data.train_weight = 1.0  # The train split's weight in data.mixture.
+    # True: leave bad JSONL lines out (each logged) instead of failing.
+    c.data.skip_bad_lines = False
     c.data.train_split = "train"  # Split trained on.
     c.data.val_split = "test"  # Split of the validation loss (the water set has no val split).
     c.data.test_split = "test"  # Split of the final evaluation.
@@ -81,6 +98,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.synthetic.num_images = 0  # > 0: generate into data.images' parent if it is missing.
     c.data.synthetic.size = 128  # Side of the generated tiles in pixels.
     c.data.synthetic.seed = 0  # Seed of the generator.
+    # 'water', or 'water,building' (class-id masks: 1 = water, 2 = building; set data.classes).
+    c.data.synthetic.classes = "water"
 
     # --- Optimizer (paligemma_seg.train.optim) ---
     c.optim = ml_collections.ConfigDict()
@@ -94,10 +113,24 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.0  # Decoupled decay of weight matrices (not norms/biases), x lr.
     c.optim.clip_norm = 1.0  # Clip gradients to this global L2 norm; 0 = off.
     c.optim.grad_accum = 1  # Micro-batches per update (same update, less activation memory).
-    # Which parameters train: 'attn' (llm/layers/attn), 'llm', 'img', 'all', or a regex searched
-    # in paths like 'llm/layers/mlp/linear'. The others are frozen: no gradient, no optimizer state.
+    # Which parameters train: 'attn' (llm/layers/attn), 'llm', 'img', 'all', 'none' (LoRA only), or
+    # a regex searched in paths like 'llm/layers/mlp/linear'. The others are frozen: no gradient,
+    # no optimizer state.
     c.optim.trainable = "attn"
-    c.optim.frozen_dtype = "bfloat16"  # Storage of frozen parameters; '' = as loaded/initialised.
+    # Storage of frozen parameters; '' = as loaded/initialised; 'int8' = frozen projection matrices
+    # int8 with one scale per output channel (dequantised per layer in the matmul), the rest bf16.
+    c.optim.frozen_dtype = "bfloat16"
+    # LoRA (paligemma_seg/model/lora.py): adapters in their own subtree params['lora'], trained
+    # with their optimizer state; the base tree only where optim.trainable says (use 'none').
+    c.optim.lora = ml_collections.ConfigDict()
+    c.optim.lora.rank = 0  # r of each adapter; 0 = no LoRA.
+    c.optim.lora.alpha = 16.0  # The low-rank term is scaled by alpha / rank (PEFT's lora_alpha).
+    c.optim.lora.dropout = 0.0  # Dropout on each adapted matmul's input, training only; [0, 1).
+    # Regex searched in projection paths (e.g. 'llm/layers/attn/q_einsum/w'); default: the LLM's
+    # attention and MLP projections (PEFT's q/k/v/o/gate/up/down_proj).
+    c.optim.lora.targets = (
+        r"^llm/layers/(attn/(q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum)/w|mlp/)"
+    )
 
     # --- Training loss (paligemma_seg.train.loss); validation loss is always plain CE and a
     # per-token mean, whatever the keys below say ---
@@ -120,6 +153,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.ckpt.keep = 2  # Keep the last K checkpoints.
     c.ckpt.async_save = True  # Write checkpoints in the background while training continues.
     c.ckpt.export_npz = True  # At the end also write the weights to WORKDIR/params.npz.
+    # Also keep the best checkpoint (WORKDIR/checkpoints_best, WORKDIR/params_best.npz) by
+    # 'val_loss' (lowest, every val_steps) or 'miou' (highest eval mIoU, every eval_steps); ''=off.
+    c.ckpt.keep_best = ""
+    c.ckpt.early_stop_patience = 0  # Stop after N evaluations of keep_best's metric, no new best.
 
     # --- Evaluation (paligemma_seg.infer.evaluation) ---
     c.eval = ml_collections.ConfigDict()

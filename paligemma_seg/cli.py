@@ -99,7 +99,7 @@ def raised_by_us(error: BaseException) -> bool:
 
 
 def parse_flags(
-    argv: Sequence[str], extra: Sequence[tuple[str, str]] = ()
+    argv: Sequence[str], extra: Sequence[tuple[str, str]] = (), config_required: bool = True
 ) -> tuple[Any, list[str]]:
     """(flag values, positional arguments) of a command line with --config (+ overrides),
     --checkpoint and the `extra` (name, help) string flags. Fresh flag values on every call, so
@@ -124,6 +124,6 @@ def parse_flags(
         positional = values(argv)[1:]
     except flags.Error as error:
         raise ValueError(str(error)) from None
-    if values.config is None:
+    if values.config is None and config_required:
         raise ValueError("--config is required, e.g. --config configs/water_tiny.py")
     return values, positional

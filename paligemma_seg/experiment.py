@@ -21,7 +21,15 @@ import numpy as np
 import tqdm
 from etils import epath
 
-from paligemma_seg.model import PaliGemma, PaliGemmaConfig, get_preset, init_params, param_shapes
+from paligemma_seg.model import (
+    PaliGemma,
+    PaliGemmaConfig,
+    get_preset,
+    init_params,
+    param_shapes,
+    quant,
+)
+from paligemma_seg.model.projections import PROJECTIONS
 from paligemma_seg.weights import orbax
 from paligemma_seg.weights.spec import flatten, unflatten
 
@@ -148,6 +156,7 @@ def initial_params(
         target = jax.tree_util.tree_map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, target
         )
+    stored, target = target, _float_target(target)  # int8 leaves: quantised once placed.
     shardings = jax.tree_util.tree_map(lambda x: x.sharding, target)
     kind = check_init(cfg)
     if kind == "":
@@ -155,11 +164,46 @@ def initial_params(
         params = jax.jit(lambda key: cast(init_params(config, key)), out_shardings=shardings)(rng)
         if cfg.model.structured_init:
             params = _structured_init(cfg, params)
-        return params
+        return _quantize_placed(params, stored)
     if kind == "orbax":
-        return orbax.restore_params(cfg.init, target)
+        return _quantize_placed(orbax.restore_params(cfg.init, target), stored)
     check_weights_fit(cfg, config)
-    return place_weights(cfg.init, target)
+    return place_weights(cfg.init, stored)
+
+
+def _is_quantized(x: Any) -> bool:
+    return isinstance(x, quant.Quantized)
+
+
+def _float_target(target: Any) -> Any:
+    """`target` with each int8 `quant.Quantized` leaf as a float32 leaf sharded like its codes."""
+    as_float = lambda x: jax.ShapeDtypeStruct(x.q.shape, np.float32, sharding=x.q.sharding)
+    return jax.tree_util.tree_map(
+        lambda x: as_float(x) if _is_quantized(x) else x, target, is_leaf=_is_quantized
+    )
+
+
+def _quantize_placed(params: Any, stored: Any) -> Any:
+    """Placed float `params` stored as `stored` says: int8 where it holds `quant.Quantized`."""
+    flat, flat_stored = flatten(params), flatten(stored)
+    if not any(_is_quantized(x) for x in flat_stored.values()):
+        return params
+    for path, want in flat_stored.items():
+        if _is_quantized(want):
+            shardings = jax.tree_util.tree_map(lambda x: x.sharding, want)
+            to_int8 = lambda w, path=path: quant.quantize(w, PROJECTIONS[path])
+            flat[path] = jax.jit(to_int8, out_shardings=shardings)(flat[path])
+    return unflatten(flat)
+
+
+def _place_quantized(leaf: Any, want: quant.Quantized, path: str) -> quant.Quantized:
+    """Reads a whole leaf on the host, quantises it (per output channel) and places both parts."""
+    weight = leaf.read(None)  # per-channel scales need whole input axes: the whole leaf
+    host = quant.quantize(np.asarray(weight, np.float32), PROJECTIONS[path])
+    place = lambda value, spec: jax.make_array_from_callback(
+        spec.shape, spec.sharding, lambda index: value[index]
+    )
+    return quant.Quantized(q=place(host.q, want.q), scale=place(host.scale, want.scale))
 
 
 def place_weights(path: str, target: Any) -> dict[str, Any]:
@@ -182,6 +226,9 @@ def place_weights(path: str, target: Any) -> dict[str, Any]:
                         disable=jax.process_index() != 0)  # fmt: skip
         for key in bar:
             leaf, want = leaves[key], flat_target[key]
+            if _is_quantized(want):  # optim.frozen_dtype='int8'
+                placed[key] = _place_quantized(leaf, want, key)
+                continue
             read = lambda index, leaf=leaf, want=want: leaf.read(index).astype(
                 want.dtype, copy=False
             )

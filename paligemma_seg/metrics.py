@@ -103,6 +103,7 @@ class SegmentationMetrics:
     ious: list[float] = dataclasses.field(default_factory=list)
     dices: list[float] = dataclasses.field(default_factory=list)
     valid: list[bool] = dataclasses.field(default_factory=list)
+    nonempty: list[bool] = dataclasses.field(default_factory=list)  # ground truth has pixels
     object_errors: list[int] = dataclasses.field(default_factory=list)
     true_pos: int = 0
     false_pos: int = 0
@@ -132,6 +133,7 @@ class SegmentationMetrics:
             _ratio(2 * counts.true_pos, 2 * counts.true_pos + counts.false_pos + counts.false_neg)
         )
         self.valid.append(bool(valid))
+        self.nonempty.append(counts.true_pos + counts.false_neg > 0)
         if pred_objects is not None and gt_objects is not None:
             self.object_errors.append(int(pred_objects) - int(gt_objects))
         self.true_pos += counts.true_pos
@@ -143,7 +145,7 @@ class SegmentationMetrics:
         """Dataset metrics as plain numbers (never NaN; no images gives zeros)."""
         num = len(self.ious)
         if num == 0:
-            return dict.fromkeys(METRIC_NAMES, 0.0) | {"num_images": 0}
+            return dict.fromkeys(METRIC_NAMES, 0.0) | {"num_images": 0, "miou_nonempty": 0.0}
         errors = np.asarray(self.object_errors, dtype=np.float64)
         has_pred = self.true_pos + self.false_pos > 0
         has_gt = self.true_pos + self.false_neg > 0
@@ -160,6 +162,50 @@ class SegmentationMetrics:
                 self.true_pos, self.true_pos + self.false_neg, 0.0 if has_pred else 1.0
             ),
             "valid_rate": float(np.mean(self.valid)),
+            # Over images whose ground truth is not empty (empty vs empty scores 1 in miou);
+            # 0.0 when every ground truth is empty.
+            "miou_nonempty": float(
+                np.mean([i for i, n in zip(self.ious, self.nonempty, strict=True) if n] or [0.0])
+            ),
             "object_count_mae": float(np.mean(np.abs(errors))) if errors.size else 0.0,
             "object_count_bias": float(np.mean(errors)) if errors.size else 0.0,
+        }
+
+
+@dataclasses.dataclass
+class ClassIoU:
+    """Per-class IoU of semantic (multi-class) segmentation over a dataset.
+
+    `per_class_iou`: cumulative over all images (sum of intersections / sum of unions, per
+    class); `per_class_image_iou`: mean of per-image IoUs over the images whose ground truth or
+    prediction holds the class; `miou_classes`: mean of `per_class_iou` over the classes seen
+    (in some ground truth or prediction); classes never seen are listed in `absent_classes`.
+    """
+
+    labels: tuple[str, ...]
+    intersection: dict[str, int] = dataclasses.field(default_factory=dict)
+    union: dict[str, int] = dataclasses.field(default_factory=dict)
+    image_ious: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+    def add(self, label: str, pred: np.ndarray, gt: np.ndarray) -> float | None:
+        """Adds one image's masks of one class; returns its IoU (None: neither has the class)."""
+        counts = pixel_counts(pred, gt)
+        if label not in self.labels:
+            raise ValueError(f"class {label!r} is not one of {self.labels}")
+        self.intersection[label] = self.intersection.get(label, 0) + counts.intersection
+        self.union[label] = self.union.get(label, 0) + counts.union
+        if counts.union == 0:
+            return None
+        iou = counts.intersection / counts.union
+        self.image_ious.setdefault(label, []).append(iou)
+        return iou
+
+    def result(self) -> dict:
+        seen = [label for label in self.labels if self.union.get(label, 0) > 0]
+        per_class = {label: self.intersection[label] / self.union[label] for label in seen}
+        return {
+            "per_class_iou": per_class,
+            "per_class_image_iou": {k: float(np.mean(self.image_ious[k])) for k in seen},
+            "miou_classes": float(np.mean(list(per_class.values()))) if per_class else 0.0,
+            "absent_classes": [label for label in self.labels if label not in per_class],
         }

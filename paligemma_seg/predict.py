@@ -1,14 +1,18 @@
 """Masks for your own images:
 
-    python -m paligemma_seg.predict --config CFG [--checkpoint P] IMAGE_OR_DIR ... --out DIR
-        [--prompt "segment water"]
+    python -m paligemma_seg.predict [--config CFG] [--checkpoint P | --workdir W] IMAGE_OR_DIR ...
+        --out DIR [--prompt "segment water"]
 
 For every image (any size; folders of mixed sizes; unreadable files are reported and skipped) it
 writes into --out: `NAME.txt` (the raw output text), `NAME_mask.png` (binary mask at the image's
-size, 255 = inside), `NAME_overlay.png` (the image with the translucent mask and the boxes) and one
+size, 255 = inside; for answers with several classes also `NAME_mask_<label>.png` per class and
+`NAME_index.png`, value k = the k-th label of the record's `classes`), `NAME_overlay.png` (the
+image with the translucent mask and the boxes) and one
 line of `predictions.jsonl` (--out may be local or a bucket, gs://...: outputs go through
-etils.epath). Weights: --checkpoint (an orbax checkpoint dir of training, a
-big_vision .npz or a Hugging Face directory), else the config's `init`, else random (a warning).
+etils.epath). Weights: --checkpoint or --workdir (a training workdir: its newest
+checkpoint, else params.npz; an orbax checkpoint dir, a big_vision .npz or a Hugging Face
+directory), else the config's `init`, else random (a warning). Without --config, the config.json
+that training wrote beside the weights. The weights file used is logged.
 The engine is `infer.segmenter`.
 """
 
@@ -25,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
+from PIL import Image
 
 from paligemma_seg import cli
 from paligemma_seg.infer import segmenter as segmenter_lib
@@ -60,6 +65,11 @@ def _save_png(image: Any, path: epath.Path) -> None:
         image.save(f, format="PNG")
 
 
+def _file_label(label: str) -> str:
+    """A label as a file-name part: letters, digits, '-' and '_' kept, the rest '_'."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
+
+
 def write_outputs(
     out: str | os.PathLike, name: str, image: np.ndarray, prediction: segmenter_lib.Prediction
 ) -> dict[str, Any]:
@@ -72,11 +82,23 @@ def write_outputs(
     _save_png(
         visualize.overlay(image, prediction.mask, prediction.boxes), out / f"{name}_overlay.png"
     )
+    labels = list(dict.fromkeys(prediction.labels))
+    if len(labels) > 1:  # several classes: one mask each and an index mask (value k = labels[k-1])
+        index = np.zeros(prediction.mask.shape, np.uint8)
+        for k, label in enumerate(labels, start=1):
+            own = prediction.class_mask(label)
+            _save_png(visualize.mask_image(own), out / f"{name}_mask_{_file_label(label)}.png")
+            index[own & (index == 0)] = k
+        _save_png(Image.fromarray(index, mode="L"), out / f"{name}_index.png")
     return {
         "name": name,
         "text": prediction.text,
         "mask": f"{name}_mask.png",
         "overlay": f"{name}_overlay.png",
+        "labels": list(prediction.labels),
+        "classes": {f"{name}_mask_{_file_label(label)}.png": label for label in labels}
+        if len(labels) > 1
+        else {},
         "height": int(image.shape[0]),
         "width": int(image.shape[1]),
         "objects": prediction.objects,
@@ -87,10 +109,45 @@ def write_outputs(
     }
 
 
+def _tiled_files(
+    files: list[pathlib.Path], tiling: dict[str, Any], model_side: int
+) -> list[tuple[pathlib.Path, int]]:
+    """(file, tile side) of the files predicted tile by tile (--tile N, or auto's choice)."""
+    from paligemma_seg.data import geo
+    from paligemma_seg.infer import scenes as scenes_lib
+
+    tile = tiling["tile"]
+    if tile == "auto":
+        from PIL import Image
+
+        chosen = []
+        for path in files:
+            if geo.is_raster_file(path):
+                chosen.append((path, model_side))
+                continue
+            try:
+                with Image.open(path) as image:
+                    width, height = image.size
+            except Exception:  # unreadable: the whole-image path reports it
+                continue
+            side = scenes_lib.auto_tile(str(path), height, width, model_side)
+            if side:
+                chosen.append((path, side))
+        return chosen
+    side = int(tile)
+    return [(path, side) for path in files] if side > 0 else []
+
+
 def run_prediction(
-    segmenter: segmenter_lib.Segmenter, paths: Sequence[str], out: str | os.PathLike, prompt: str
+    segmenter: segmenter_lib.Segmenter,
+    paths: Sequence[str],
+    out: str | os.PathLike,
+    prompt: str,
+    tiling: dict[str, Any] | None = None,
 ) -> dict[str, int]:
-    """Predicts every readable image of `paths` into `out`; returns counts of done and skipped."""
+    """Predicts every readable image of `paths` into `out`; returns counts of done and skipped.
+
+    tiling: {"tile": "auto" | N (0 = whole image), "overlap", "radiometry"} (infer.scenes)."""
     from paligemma_seg.data import images as images_lib
 
     out = epath.Path(out)
@@ -100,7 +157,21 @@ def run_prediction(
     done = skipped = 0
     writes = jax.process_index() == 0  # every process decodes its share; one writes
     jsonl_path = out / "predictions.jsonl" if writes else epath.Path(os.devnull)
+    tiling = tiling or {"tile": "auto", "overlap": 0.25, "radiometry": None}
+    tiled = _tiled_files(files, tiling, segmenter.image_size)
+    files = [path for path in files if path not in dict(tiled)]
     with jsonl_path.open("w") as jsonl:
+        for path, side in tiled:
+            from paligemma_seg.data import scenes as scene_readers
+            from paligemma_seg.infer import scenes as scenes_lib
+
+            record = scenes_lib.predict_scene(
+                segmenter, str(path), str(out), _unique_name(path, taken), prompt, side,
+                tiling["overlap"], tiling["radiometry"] or scene_readers.Radiometry(),
+                progress=sys.stderr.isatty(),
+            )  # fmt: skip
+            jsonl.write(json.dumps({"image": str(path), **record}) + "\n")
+            done += 1
         for start in range(0, len(files), segmenter.batch_size):
             loaded = []
             for path in files[start : start + segmenter.batch_size]:
@@ -122,9 +193,38 @@ def run_prediction(
 
 
 USAGE = (
-    "usage: python -m paligemma_seg.predict --config CFG [--config.KEY=VALUE ...] "
-    "[--checkpoint P] IMAGE_OR_DIR [...] --out DIR [--prompt TEXT]"
+    "usage: python -m paligemma_seg.predict [--config CFG] [--config.KEY=VALUE ...] "
+    "[--checkpoint P | --workdir W] IMAGE_OR_DIR [...] --out DIR [--prompt TEXT]"
 )
+
+
+def workdir_config(values: Any) -> tuple[Any, str | None]:
+    """(config, weights path) of --config and --checkpoint/--workdir: without --config, the
+    config.json that training wrote beside the weights."""
+    from paligemma_seg.infer import pretrained, sources
+
+    checkpoint = values.checkpoint or values.workdir
+    if values.config is not None:
+        return values.config, checkpoint
+    if not checkpoint:
+        raise ValueError(f"pass --config, or --workdir/--checkpoint of a training run; {USAGE}")
+    return pretrained.run_config(sources.resolve(checkpoint), None), checkpoint
+
+
+def _tiling(values: Any) -> dict[str, Any]:
+    """The tiling flags as run_prediction's `tiling`; ValueError naming a bad flag."""
+    from paligemma_seg.data import scenes
+
+    tile = values.tile or "auto"
+    if tile != "auto" and not (tile.isdigit()):
+        raise ValueError(f"--tile {tile!r}: give auto, 0 (whole image) or a side in pixels")
+    radiometry = scenes.Radiometry(
+        scenes.parse_bands(values.bands),
+        scenes.parse_pair(values.stretch, "--stretch"),
+        scenes.parse_pair(values.scale, "--scale"),
+    )
+    overlap = float(values.overlap) if values.overlap else 0.25
+    return {"tile": tile, "overlap": overlap, "radiometry": radiometry}
 
 
 def main(argv: Sequence[str]) -> int:
@@ -132,15 +232,28 @@ def main(argv: Sequence[str]) -> int:
     cli.start_up()
     try:
         values, paths = cli.parse_flags(
-            argv, [("out", "Output directory."), ("prompt", "Prompt (default: data.prefix).")]
+            argv,
+            [
+                ("out", "Output directory."),
+                ("prompt", "Prompt (default: data.prefix)."),
+                ("workdir", "Training workdir: its newest checkpoint, else params.npz."),
+                ("tile", "Tile side in px: auto (default), 0 = whole image, or N."),
+                ("overlap", "Overlap of neighbouring tiles, a fraction (default 0.25)."),
+                ("bands", "Raster bands as R,G,B (1-based), e.g. 4,3,2."),
+                ("stretch", "Per-band percentiles LOW,HIGH mapped to 0..255, e.g. 2,98."),
+                ("scale", "Fixed band values LOW,HIGH mapped to 0..255, e.g. 0,3000."),
+            ],
+            config_required=False,
         )
         if not paths or not values.out:
             raise ValueError(f"{'no images given' if not paths else '--out is required'}; {USAGE}")
-        cfg = values.config
-        model, params, mesh = segmenter_lib.load_model(cfg, values.checkpoint)
+        cfg, checkpoint = workdir_config(values)
+        model, params, mesh = segmenter_lib.load_model(cfg, checkpoint)
         with jax.set_mesh(mesh):
             segmenter = segmenter_lib.Segmenter(cfg, model, params)
-            counts = run_prediction(segmenter, paths, values.out, values.prompt or cfg.data.prefix)
+            counts = run_prediction(
+                segmenter, paths, values.out, values.prompt or cfg.data.prefix, _tiling(values)
+            )
     except ValueError as error:
         logging.error("%s", error)
         return 1

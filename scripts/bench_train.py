@@ -13,6 +13,12 @@ analysis of our fp32 step; the machine's matmul peak is measured in the same run
 matmuls, best of JAX and torch). The last line is one JSON object: ours_ex_per_s,
 torch_ex_per_s (best torch variant), speedup (ours fp32 / torch fp32) and speedup_bf16 (ours bf16
 / torch fp32), plus the details.
+
+Parameter-efficient steps on the same model, same run (bf16 compute, frozen weights in bf16,
+AdamW): attention-only (`optim.trainable='attn'`), LoRA r=16 on the LLM's projections
+(`optim.lora`, nothing else trains) and LoRA r=16 with int8 frozen projections; the JSON adds
+lora_vs_attn and lora_int8_vs_attn (seconds per step, LoRA / attention-only). `--peft-only` runs
+just those three.
 """
 
 from __future__ import annotations
@@ -37,11 +43,17 @@ import transformers  # noqa: E402
 
 from paligemma_seg.model import (  # noqa: E402
     GemmaConfig,
+    LoraSettings,
     PaliGemma,
     PaliGemmaConfig,
     SiglipConfig,
     init_params,
+    logical_axes,
+    lora,
+    param_shapes,
+    quant,
 )
+from paligemma_seg.model.projections import PROJECTIONS  # noqa: E402
 from paligemma_seg.train import optim  # noqa: E402
 from paligemma_seg.train.step import TrainState, make_train_step  # noqa: E402
 
@@ -80,7 +92,29 @@ def time_steps(step: Callable[[], object], steps: int, repeats: int) -> float:
     return best
 
 
-def ours(dtype: str) -> tuple[Callable[[], None], float]:
+def _peft_params(config: PaliGemmaConfig, params: dict, recipe: str) -> tuple[dict, dict]:
+    """(params, trainable mask) of a recipe: 'all', 'attn', 'lora' or 'lora_int8'."""
+    if recipe.startswith("lora"):
+        shapes, axes = optim.with_adapters(
+            param_shapes(config), logical_axes(config), LoraSettings(rank=16, alpha=16.0)
+        )
+        flat = optim.flatten(shapes["lora"])
+        adapters = lora.init_adapters(flat, jax.random.PRNGKey(1))
+        params = {**params, "lora": optim.unflatten(adapters)}
+    mask = optim.trainable_mask(params, {"all": "all", "attn": "attn"}.get(recipe, "none"))
+    if recipe == "all":
+        return params, mask
+    params = optim.cast_frozen(params, mask, "bfloat16")
+    if recipe == "lora_int8":
+        flat, flat_mask = optim.flatten(params), optim.flatten(mask)
+        params = optim.unflatten(
+            {k: quant.quantize(v.astype(jnp.float32), PROJECTIONS[k])
+             if quant.quantizable(k, frozen=not flat_mask[k]) else v for k, v in flat.items()}
+        )  # fmt: skip
+    return params, mask
+
+
+def ours(dtype: str, recipe: str = "all") -> tuple[Callable[[], None], float]:
     """(one step of our jitted, donated train step, XLA-counted FLOPs per step)."""
     # Layers unrolled: XLA's cost analysis counts a scanned (while-loop) body once, and for 4
     # layers unrolling is also the faster program on CPU.
@@ -88,14 +122,14 @@ def ours(dtype: str) -> tuple[Callable[[], None], float]:
         vision=SiglipConfig(**VISION), llm=GemmaConfig(**LLM), dtype=dtype, param_dtype="float32",
         scan_layers=False,
     )  # fmt: skip
-    params = init_params(config, jax.random.PRNGKey(0))
-    mask = optim.trainable_mask(params, "all")
+    params, mask = _peft_params(config, init_params(config, jax.random.PRNGKey(0)), recipe)
     cfg = optim.OptimConfig(
         name="adamw", lr=LR, momentum=0.9, clip_norm=CLIP, schedule="constant", trainable="all"
     )
     tx, schedule = optim.make_optimizer(cfg, total_steps=1000)
     step_fn = jax.jit(make_train_step(PaliGemma(config), tx, schedule, mask), donate_argnums=(0,))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    opt_state = tx.init(optim.split_params(params, mask)[0])
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
     batch = {k: jnp.asarray(v) for k, v in make_batch().items()}
     rng = jax.random.PRNGKey(0)
     compiled = step_fn.lower(state, batch, rng).compile()
@@ -189,6 +223,7 @@ def matmul_peak(repeats: int) -> dict[str, float]:
 
 
 VARIANTS = ("peaks", "torch_eager", "ours_fp32", "ours_bf16", "torch_compile")
+PEFT_VARIANTS = ("ours_attn_bf16", "ours_lora_bf16", "ours_lora_int8_bf16")
 
 
 def measure(variant: str, steps: int, repeats: int) -> dict[str, object]:
@@ -196,6 +231,9 @@ def measure(variant: str, steps: int, repeats: int) -> dict[str, object]:
     torch.set_num_threads(os.cpu_count() or 1)
     if variant == "peaks":
         return matmul_peak(repeats)
+    if variant in PEFT_VARIANTS:
+        step, flops = ours("bfloat16", variant.removeprefix("ours_").removesuffix("_bf16"))
+        return {"seconds": time_steps(step, steps, repeats), "flops": flops}
     if variant.startswith("ours"):
         step, flops = ours("float32" if variant == "ours_fp32" else "bfloat16")
         return {"seconds": time_steps(step, steps, repeats), "flops": flops}
@@ -246,15 +284,37 @@ def report(results: dict[str, dict]) -> dict[str, object]:
     }
 
 
+def peft_report(results: dict[str, dict | None]) -> dict[str, object]:
+    """Prints the attention-only and LoRA steps; their time ratios (LoRA / attention-only)."""
+    seconds = {k: v["seconds"] for k, v in results.items() if v is not None}
+    for name, per_step in seconds.items():
+        print(f"{name:<20} {BATCH / per_step:7.2f} ex/s  {per_step * 1e3:8.1f} ms/step")
+    attn = seconds.get("ours_attn_bf16")
+    ratio = lambda name: None if attn is None or name not in seconds else seconds[name] / attn
+    return {
+        "attn_ms_per_step": None if attn is None else attn * 1e3,
+        "lora_vs_attn": ratio("ours_lora_bf16"),
+        "lora_int8_vs_attn": ratio("ours_lora_int8_bf16"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-    parser.add_argument("--variant", choices=VARIANTS, help="internal: measure one variant here")
+    parser.add_argument("--peft-only", action="store_true", help="only the attn/LoRA steps")
+    parser.add_argument(
+        "--variant", choices=VARIANTS + PEFT_VARIANTS, help="internal: measure one variant here"
+    )
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(measure(args.variant, args.steps, args.repeats)))
+        return
+    peft = {v: run_isolated(v, args) for v in PEFT_VARIANTS}
+    summary = peft_report(peft)
+    if args.peft_only:
+        print(json.dumps(summary))
         return
     results = {}
     for variant in VARIANTS:
@@ -264,7 +324,7 @@ def main() -> None:
     missing = [v for v in VARIANTS[:4] if results[v] is None]
     if missing:
         raise SystemExit(f"could not measure {missing}; see the messages above.")
-    print(json.dumps(report(results)))
+    print(json.dumps({**report(results), **summary}))
 
 
 if __name__ == "__main__":

@@ -89,6 +89,14 @@ TABLE: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
          (f"--config.model.preset={preset}",))
         for preset in ("pg1-3b-448", "pg1-3b-896", "pg2-3b-448")
     ),
+    # water_pg2_{3b,10b}_lora.py: LoRA r=16 on the LLM's projections, AdamW, int8 frozen
+    # projections (the rest bf16), bf16 compute, remat, batch 8 x 128 (10B/28B: 2 micro-batches).
+    ("pg2-3b-224 LoRA r=16 + int8, remat, 1 device", "configs/water_pg2_3b_lora.py", 1, ()),
+    *(
+        (f"{preset} LoRA r=16 + int8, remat, accum 2, 1 device", "configs/water_pg2_10b_lora.py",
+         1, (f"--config.model.preset={preset}",))
+        for preset in ("pg2-10b-224", "pg2-28b-224")
+    ),
 )  # fmt: skip
 
 

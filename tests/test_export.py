@@ -39,9 +39,9 @@ IMAGE_SIZE = 112  # 8 x 8 = 64 image tokens
 class RecordingSegmenter(segmenter_lib.Segmenter):
     """A Segmenter that also keeps the generated ids (before EOS) and whether EOS came."""
 
-    def _to_prediction(self, ids, finished, height, width):
+    def _to_prediction(self, ids, finished, height, width, detect=False):
         self.outputs = [*getattr(self, "outputs", []), (list(ids), finished)]
-        return super()._to_prediction(ids, finished, height, width)
+        return super()._to_prediction(ids, finished, height, width, detect)
 
 
 @pytest.fixture(scope="module")

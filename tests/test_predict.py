@@ -175,7 +175,8 @@ def test_params_source_order(tmp_path):
     assert segmenter_lib.params_source(cfg, None, str(tmp_path)) == ""
     (tmp_path / "params.npz").write_bytes(b"")
     assert segmenter_lib.params_source(cfg, None, str(tmp_path)) == str(tmp_path / "params.npz")
-    assert segmenter_lib.params_source(cfg, str(tmp_path), None) == str(tmp_path)
+    # a workdir given as --checkpoint: its params.npz
+    assert segmenter_lib.params_source(cfg, str(tmp_path), None) == str(tmp_path / "params.npz")
     with pytest.raises(ValueError, match="not found"):
         segmenter_lib.params_source(cfg, str(tmp_path / "missing"), None)
 
@@ -285,6 +286,7 @@ class _FixedSegmenter:
     """Answers every image with one box over its top-left quarter (no model)."""
 
     batch_size = 2
+    image_size = 224  # the model's input side: these small images are predicted whole
 
     def predict_images(self, images, prompt):
         predictions = []

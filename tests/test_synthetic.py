@@ -89,10 +89,10 @@ def test_parallel_generation_equals_serial(tmp_path):
 def test_interrupted_generation_leaves_nothing(tmp_path, monkeypatch):
     render = synthetic.render_tile
 
-    def failing(seed, index, size):
+    def failing(seed, index, size, *classes):
         if index == 4:
             raise KeyboardInterrupt  # Ctrl-C halfway
-        return render(seed, index, size)
+        return render(seed, index, size, *classes)
 
     monkeypatch.setattr(synthetic, "render_tile", failing)
     with pytest.raises(KeyboardInterrupt):
@@ -117,3 +117,19 @@ def test_synthetic_cli(tmp_path, capsys):
     assert "wrote 3 tiles" in capsys.readouterr().out
     assert len(list((tmp_path / "images").iterdir())) == 3
     assert len(list((tmp_path / "masks").iterdir())) == 3
+
+
+def test_building_class_tiles():
+    """With 'building' the water is the same tile's water; about half the tiles get a district,
+    never under water; the ids are 0/1/2; the manifest tells the two sets apart."""
+    with_buildings = 0
+    for index in range(40):
+        _, water = synthetic.render_tile(3, index, 64)
+        _, ids = synthetic.render_tile(3, index, 64, ("water", "building"))
+        assert ids.dtype == np.uint8 and set(np.unique(ids)) <= {0, 1, 2}
+        np.testing.assert_array_equal(ids == 1, water)
+        with_buildings += bool((ids == 2).any())
+    assert 10 <= with_buildings <= 30
+    assert synthetic.manifest(5, 64, 0) != synthetic.manifest(5, 64, 0, ("water", "building"))
+    with pytest.raises(ValueError, match="synthetic classes"):
+        synthetic.render_tile(0, 0, 32, ("road",))

@@ -20,7 +20,10 @@ from paligemma_seg import experiment, weights
 from paligemma_seg.model import PaliGemma, init_params, tiny_config
 from paligemma_seg.train import TrainState, make_train_step, next_token_loss, optim
 
-CONFIGS = ("base", "water_224", "water_448", "water_pg2_224", "water_tiny")
+CONFIGS = (
+    "base", "water_224", "water_448", "water_pg2_224", "water_tiny", "water_pg2_3b_lora",
+    "water_pg2_10b_lora",
+)  # fmt: skip
 
 
 def _batch(config, seed=0):

@@ -95,6 +95,13 @@ def _open(path: str, reduced: bool = False) -> tuple[Image.Image, list[str]]:
     return image, notes
 
 
+def open_image(path: str | os.PathLike) -> tuple[Image.Image, list[str]]:
+    """The decoded PIL image of `path` as stored (any mode) and notes; ImageReadError(reason).
+
+    For readers that need the stored values (class ids, palette indices), not RGB or grey."""
+    return _open(os.fspath(path))
+
+
 def _scale_wide(array: np.ndarray, mode: str) -> np.ndarray:
     """16/32-bit integer or float pixels -> uint8 (0..65535 -> 0..255, floats [0, 1] -> 0..255)."""
     array = array.astype(np.float64)

@@ -42,6 +42,12 @@ class Pair:
     image: str
     mask: str | None
     problem: str | None = None
+    classes: Any = None  # data.classes.ClassList of a class-id mask (multi-class data)
+    coco: Any = None  # data.coco.CocoImage: the image's COCO annotations (instead of a mask)
+
+    @property
+    def multiclass(self) -> bool:
+        return self.classes is not None or self.coco is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +158,13 @@ class Prepared:
     objects: Any = None  # segtokens.codec.Objects
     reference_bits: np.ndarray | None = None  # np.packbits of the ground truth (ceiling only)
     image_path: str | None = None  # what the JSONL points to
+    # Multi-class data (data.multiclass): each object's label, the index mask (ceiling only),
+    # where it was written, per-class counts and the annotations left out (with the reason).
+    labels: tuple[str, ...] | None = None
+    reference_index: np.ndarray | None = None
+    index_path: str | None = None
+    class_counts: dict[str, dict[str, int]] | None = None
+    annotation_problems: tuple[dict[str, Any], ...] = ()
 
     @property
     def num_objects(self) -> int:
@@ -172,6 +185,14 @@ class Prepared:
             "dropped_objects": 0 if self.objects is None else int(self.objects.dropped),
             "notes": list(self.notes),
             "converted_image": self.image_path is not None and self.image_path != self.pair.image,
+        } | self._multiclass_entry()
+
+    def _multiclass_entry(self) -> dict[str, Any]:
+        if not self.pair.multiclass:
+            return {}
+        return {
+            "classes": self.class_counts or {},
+            "dropped_annotations": list(self.annotation_problems),
         }
 
 
@@ -189,19 +210,37 @@ def _suspicion(grey: np.ndarray, water_fraction: float) -> str | None:
     return None
 
 
+def read_image_checked(path: str) -> tuple[Any, np.ndarray | None, str | None]:
+    """(image info, pixels or None, problem) of an image file; a read failure is the problem."""
+    try:
+        if path.lower().endswith(_NEVER_PLAIN):
+            image = image_io.read_image(path)
+            return image, image.pixels, None
+        return image_io.inspect_image(path), None, None
+    except Exception as error:  # corrupt files raise many kinds of errors: report, never crash
+        return None, None, f"unreadable image: {error}"
+
+
+def plain_image_path(
+    pair: Pair, image: Any, pixels: np.ndarray | None, staging: str, final: str
+) -> str:
+    """What the JSONL points to: the image itself, or a plain RGB copy saved in `staging`."""
+    if image_io.is_plain(image, pair.image):
+        return pair.image
+    if pixels is None:
+        pixels = image_io.read_image(pair.image).pixels
+    Image.fromarray(pixels).save(os.path.join(staging, pair.name + ".png"))
+    return os.path.join(final, pair.name + ".png")
+
+
 def _read(pair: Pair) -> tuple[Any, np.ndarray | None, Any, str | None]:
     """(image info, image pixels or None, mask, problem): every read failure becomes a problem.
 
     JPEG and PNG files are checked by `inspect_image` (JPEGs at 1/8 scale) and decoded in full
     only if they need a plain copy; other formats always do, so they are decoded once, in full."""
-    try:
-        if pair.image.lower().endswith(_NEVER_PLAIN):
-            image = image_io.read_image(pair.image)
-            pixels = image.pixels
-        else:
-            image, pixels = image_io.inspect_image(pair.image), None
-    except Exception as error:  # corrupt files raise many kinds of errors: report, never crash
-        return None, None, None, f"unreadable image: {error}"
+    image, pixels, problem = read_image_checked(pair.image)
+    if problem:
+        return None, None, None, problem
     try:
         mask = image_io.read_mask(pair.mask)
     except Exception as error:
@@ -221,6 +260,10 @@ def prepare(
 
     if pair.problem:
         return Prepared(pair, problem=pair.problem)
+    if pair.multiclass:
+        from paligemma_seg.data import multiclass
+
+        return multiclass.prepare(pair, config, staging, final, ceiling)
     image, pixels, mask, problem = _read(pair)
     notes = [f"image: {n}" for n in (image.notes if image else ())]
     notes += [f"mask: {n}" for n in (mask.notes if mask else ())]
@@ -236,12 +279,7 @@ def prepare(
     prepared.objects = codec.to_objects(mask.pixels, config)
     if ceiling:
         prepared.reference_bits = np.packbits(reference)
-    prepared.image_path = pair.image
-    if not image_io.is_plain(image, pair.image):
-        if pixels is None:
-            pixels = image_io.read_image(pair.image).pixels
-        Image.fromarray(pixels).save(os.path.join(staging, pair.name + ".png"))
-        prepared.image_path = os.path.join(final, pair.name + ".png")
+    prepared.image_path = plain_image_path(pair, image, pixels, staging, final)
     return prepared
 
 

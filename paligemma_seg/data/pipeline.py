@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from paligemma_seg import tokenizer as tokenizer_lib
-from paligemma_seg.data import preprocess
+from paligemma_seg.data import preprocess, tasks
 from paligemma_seg.data.preprocess import load_image as load_image  # re-exported
 
 BATCH_KEYS = ("image", "text", "mask_ar", "mask_loss", "mask_input")
@@ -45,6 +46,8 @@ class Example:
     suffix: str
     mask: str | None
     source: str  # "file.jsonl:LINE", for error messages.
+    classes: tuple[str, ...] | None = None  # multi-class lines: the labels of the index mask
+    coco_image_id: int | None = None  # COCO lines: the image's id in the annotation file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,45 +65,93 @@ class TokenTable:
         return len(self.images)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[Example]:
-    """Examples of a convert-CLI JSONL file; a bad line or missing image names the file and line."""
+def _example(record: Any, base: str, where: str) -> Example:
+    """One parsed JSONL line -> Example; ValueError(reason) for a line that can't be used."""
+    if not isinstance(record, dict) or any(k not in record for k in _REQUIRED):
+        got = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"expected an object with keys {list(_REQUIRED)}, got {got}")
+    image = os.path.join(base, str(record["image"]))
+    if not os.path.isfile(image):
+        raise ValueError(f"image {image} not found (paths are relative to the JSONL's folder)")
+    prefix, suffix = str(record["prefix"]), str(record["suffix"])
+    problem = tasks.line_problem(prefix, suffix)
+    if problem:
+        raise ValueError(problem)
+    mask, classes = record.get("mask"), record.get("classes")
+    return Example(
+        image=image,
+        prefix=prefix,
+        suffix=suffix,
+        mask=os.path.join(base, mask) if mask else None,
+        source=where,
+        classes=tuple(str(c) for c in classes) if classes else None,
+        coco_image_id=record.get("coco_image_id"),
+    )
+
+
+def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[Example]:
+    """Examples of a JSONL file (ours or another tool's: `image`, `prefix`, `suffix`, optional
+    `mask`); each answer's <loc>/<seg> syntax is checked against its prompt (`tasks`).
+
+    Bad lines (not JSON, missing keys, missing image, malformed answer) raise one ValueError that
+    lists every one by file:line; with `skip_bad_lines` they are logged, each by file:line, and
+    left out."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"JSONL file {path} not found; {_HOW_TO_MAKE}.")
     base = os.path.dirname(os.path.abspath(path))
-    examples = []
+    examples, bad = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
             try:
-                record = json.loads(line)
+                examples.append(_example(json.loads(line), base, where))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error}); {_HOW_TO_MAKE}.") from error
-            if not isinstance(record, dict) or any(k not in record for k in _REQUIRED):
-                got = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f"{where}: expected an object with keys {list(_REQUIRED)}, got {got}."
-                )
-            image = os.path.join(base, record["image"])
-            if not os.path.isfile(image):
-                raise ValueError(
-                    f"{where}: image {image} not found (paths are relative to the JSONL's folder)."
-                )
-            mask = record.get("mask")
-            examples.append(
-                Example(
-                    image=image,
-                    prefix=str(record["prefix"]),
-                    suffix=str(record["suffix"]),
-                    mask=os.path.join(base, mask) if mask else None,
-                    source=where,
-                )
-            )
+                bad.append(f"{where}: not valid JSON ({error})")
+            except ValueError as error:
+                bad.append(f"{where}: {error}")
+    if bad and not skip_bad_lines:
+        shown = "\n  ".join(bad[:20]) + (
+            f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        )
+        raise ValueError(
+            f"{len(bad)} bad line(s) in {path}:\n  {shown}\nFix them, or leave them out with "
+            "--config.data.skip_bad_lines=True (each is then logged)."
+        )
+    for problem in bad:
+        logging.warning("left out: %s", problem)
     if not examples:
         raise ValueError(f"{path} holds no examples; {_HOW_TO_MAKE}.")
     return examples
+
+
+def expand(
+    examples: Sequence[Example],
+    *,
+    prompts: str = "joint",
+    negative_rate: float = 0.0,
+    task_names: Sequence[str] = ("segment",),
+    seed: int = 0,
+) -> list[Example]:
+    """The training examples of JSONL lines: per-class or joint prompts, detection (`tasks`)."""
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for example in examples:
+        for question in tasks.questions(
+            example.prefix, example.suffix, example.classes, prompts=prompts,
+            negative_rate=negative_rate, tasks=task_names, rng=rng,
+        ):  # fmt: skip
+            out.append(dataclasses.replace(example, prefix=question.prefix, suffix=question.suffix))
+    return out
+
+
+def mix(sources: Sequence[Sequence[Example]], weights: Sequence[float], seed: int) -> list[Example]:
+    """One epoch of a weighted mixture (`tasks.mixture_indices`): examples repeated or subsampled
+    so that source i makes a weights[i] / sum(weights) share of the examples."""
+    chosen = tasks.mixture_indices([len(s) for s in sources], weights, seed)
+    return [source[int(i)] for source, picks in zip(sources, chosen, strict=True) for i in picks]
 
 
 def tokenize(examples: Sequence[Example], tokenizer: Any, seq_len: int) -> TokenTable:

@@ -27,6 +27,43 @@ from paligemma_seg import experiment
 _NOTHING, _WRITE, _FAILED = 0, 1, 2
 
 
+def split_examples(cfg: ml_collections.ConfigDict, path: str, train: bool) -> list[Any]:
+    """The examples training makes of a split's JSONL (`data.prompts`, `data.negative_rate`,
+    `data.tasks`; see `data.tasks`); for the train split (`train`) mixed with `data.mixture`."""
+    from paligemma_seg.data import pipeline
+
+    skip = bool(cfg.data.get("skip_bad_lines", False))
+    task_names = [t.strip() for t in str(cfg.data.get("tasks", "segment")).split(",") if t.strip()]
+    options = dict(
+        prompts=cfg.data.get("prompts", "joint"),
+        negative_rate=float(cfg.data.get("negative_rate", 0.0)),
+        task_names=task_names,
+        seed=int(cfg.seed),
+    )
+    examples = pipeline.expand(pipeline.read_jsonl(path, skip), **options)
+    mixture = list(cfg.data.get("mixture", None) or [])
+    if not train or not mixture:
+        return examples
+    sources, weights = [examples], [float(cfg.data.get("train_weight", 1.0))]
+    for position, entry in enumerate(mixture):
+        entry = dict(entry)
+        if "jsonl" not in entry:
+            raise ValueError(
+                f"data.mixture[{position}] = {entry} lacks 'jsonl'; write entries as "
+                "{'jsonl': PATH, 'weight': W}."
+            )
+        sources.append(pipeline.expand(pipeline.read_jsonl(entry["jsonl"], skip), **options))
+        weights.append(float(entry.get("weight", 1.0)))
+    mixed = pipeline.mix(sources, weights, int(cfg.seed))
+    logging.info(
+        "Training mixture: %s",
+        ", ".join(
+            f"{len(s)} examples x weight {w:g}" for s, w in zip(sources, weights, strict=True)
+        ),
+    )
+    return mixed
+
+
 def split_jsonl(cfg: ml_collections.ConfigDict, split: str) -> str:
     """Path of `split`'s JSONL file (it may not exist yet; see `prepare_data`)."""
     return os.path.join(cfg.data.jsonl_dir, f"{split}.jsonl")
@@ -109,8 +146,17 @@ def _write(cfg: ml_collections.ConfigDict, generate: str, codec: Any) -> None:
 
         logging.info("Generating tiles into %s: %s", _synthetic_dir(cfg), generate)
         wanted = cfg.data.synthetic
-        synthetic_lib.generate(_synthetic_dir(cfg), wanted.num_images, wanted.size, wanted.seed)
+        synthetic_lib.generate(
+            _synthetic_dir(cfg), wanted.num_images, wanted.size, wanted.seed,
+            classes=_synthetic_classes(cfg),
+        )  # fmt: skip
     _convert(cfg, codec)
+
+
+def _synthetic_classes(cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """data.synthetic.classes ('water' or 'water,building') as a tuple."""
+    text = str(cfg.data.synthetic.get("classes", "water"))
+    return tuple(c.strip() for c in text.split(",") if c.strip())
 
 
 def _synthetic_dir(cfg: ml_collections.ConfigDict) -> pathlib.Path:
@@ -128,7 +174,9 @@ def _synthetic_to_generate(cfg: ml_collections.ConfigDict) -> str:
     from paligemma_seg.data import synthetic as synthetic_lib
 
     made = synthetic_lib.read_manifest(_synthetic_dir(cfg))
-    want = synthetic_lib.manifest(wanted.num_images, wanted.size, wanted.seed)
+    want = synthetic_lib.manifest(
+        wanted.num_images, wanted.size, wanted.seed, _synthetic_classes(cfg)
+    )
     if made is not None and made != want:
         return f"it holds {made}, the config asks for {want}"
     return ""
@@ -175,19 +223,29 @@ def _stale_conversion(cfg: ml_collections.ConfigDict, codec: Any) -> str:
     settings = _report_settings(cfg)
     if settings is None:
         return ""
-    expected = {
-        "images": str(pathlib.Path(cfg.data.images).resolve()),
-        "masks": str(pathlib.Path(cfg.data.masks).resolve()),
-        "prefix": cfg.data.prefix,
-        "codec": dataclasses.asdict(codec.config),
-    }
+    expected: dict[str, Any] = {"images": str(pathlib.Path(cfg.data.images).resolve())}
+    coco = cfg.data.get("coco", None)
+    if coco:
+        expected["coco"] = {s: os.path.abspath(p) for s, p in coco.to_dict().items()}
+    else:
+        expected["masks"] = str(pathlib.Path(cfg.data.masks).resolve())
+    if cfg.data.get("classes", "") and not coco:
+        from paligemma_seg.data import classes
+
+        expected["classes"] = classes.parse_classes(cfg.data.classes).to_dict()
+    elif not coco:
+        expected["prefix"] = cfg.data.prefix
+    expected["codec"] = dataclasses.asdict(codec.config)
     changed = [key for key, value in expected.items() if settings.get(key) != value]
     return f"settings changed: {', '.join(changed)}" if changed else ""
 
 
 def _convert(cfg: ml_collections.ConfigDict, codec: Any) -> None:
-    """Converts data.images/masks with paligemma_seg.data.convert and the config's codec."""
-    for key in ("images", "masks"):
+    """Converts data.images/masks (binary or, with data.classes, class ids) or data.coco with
+    paligemma_seg.data.convert and the config's codec."""
+    coco = cfg.data.get("coco", None)
+    coco = coco.to_dict() if coco else {}
+    for key in ("images",) if coco else ("images", "masks"):
         if not os.path.isdir(cfg.data[key]):
             raise ValueError(
                 f"data.{key} folder {cfg.data[key]} not found (expected at "
@@ -195,16 +253,25 @@ def _convert(cfg: ml_collections.ConfigDict, codec: Any) -> None:
             )
     from paligemma_seg.data import convert
 
-    report = convert.convert(
-        cfg.data.images,
-        cfg.data.masks,
-        cfg.data.jsonl_dir,
-        cfg.data.splits.to_dict(),
-        prefix=cfg.data.prefix,
+    options = dict(
         codec=codec,
         vqvae_path=cfg.codec.vqvae,
         tokenizer_path=cfg.tokenizer if os.path.isfile(cfg.tokenizer) else None,
     )
+    if coco:
+        report = convert.convert_coco(coco, cfg.data.images, cfg.data.jsonl_dir, **options)
+    elif cfg.data.get("classes", ""):
+        from paligemma_seg.data import classes
+
+        report = convert.convert_classes(
+            cfg.data.images, cfg.data.masks, classes.parse_classes(cfg.data.classes),
+            cfg.data.jsonl_dir, cfg.data.splits.to_dict(), **options,
+        )  # fmt: skip
+    else:
+        report = convert.convert(
+            cfg.data.images, cfg.data.masks, cfg.data.jsonl_dir, cfg.data.splits.to_dict(),
+            prefix=cfg.data.prefix, **options,
+        )  # fmt: skip
     logging.info(
         "Converted %d image/mask pairs into %s (ceiling mIoU %s)",
         len(report.get("images", [])),

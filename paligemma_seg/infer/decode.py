@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from paligemma_seg.infer import grammar as grammar_lib
+from paligemma_seg.model import lora
 
 PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input", "image_sizes")
 
@@ -91,7 +92,7 @@ def _decode(
     max_new = cfg.max_new_tokens
     mask_input = batch.get("mask_input", jnp.ones_like(text))
     logits, cache = model.apply(
-        {"params": params},
+        lora.variables(params),
         batch["image"],
         text,
         batch["mask_ar"],
@@ -126,7 +127,7 @@ def _decode(
 
     def body(carry):
         step, token, cache, out, done, grammar_state, rng = carry
-        logits, cache = model.apply({"params": params}, token, cache, method=model.decode_step)
+        logits, cache = model.apply(lora.variables(params), token, cache, method=model.decode_step)
         token, grammar_state, rng = choose(logits, grammar_state, rng, done)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         done = done | (token == cfg.eos_id)

@@ -2,9 +2,13 @@
 prefix), turns each output into a mask at the ground truth's full resolution (the codec), compares
 it with the ground-truth mask file as evaluation reads it (`codec.reference_mask`) and writes into
 the workdir:
-  eval.json            miou (mean per-image IoU, empty vs empty = 1), ciou, dice, precision,
+  eval.json            miou (mean per-image IoU, empty vs empty = 1), miou_nonempty (over images
+                       with water in the ground truth), ciou, dice, precision,
                        recall (see `metrics.py`), valid_rate, object_count_mae/bias, ceiling_miou
                        (the codec's own round trip on the same masks), num_images, step, timings;
+                       for multi-class data also per_class_iou, per_class_image_iou and
+                       miou_classes (`metrics.ClassIoU`; the per-image numbers are then over the
+                       union of the classes);
   eval_examples.jsonl  per image: output text, IoU, valid, object counts, ceiling IoU;
   contact_sheet.png    image | ground truth | prediction, eval.contact_sheet_rows rows (and
                        contact_sheet_step{STEP}.png when a step is given);
@@ -92,28 +96,84 @@ def _contact_sheet(rows: list[tuple], workdir: epath.Path, step: int | None) -> 
     return os.fspath(path)
 
 
-def _decode_chunk(segmenter: segmenter_lib.Segmenter, chunk: list[Any]) -> tuple[list, list]:
-    """(ground-truth grey masks, predictions at the masks' sizes) of a batch of examples."""
+def _prompts(cfg: ml_collections.ConfigDict, example: Any) -> list[str]:
+    """The prompts an example is asked: its own, or one per class under data.prompts='per_class'."""
+    classes = example.classes or ()
+    if len(classes) > 1 and cfg.data.get("prompts", "joint") == "per_class":
+        return [f"segment {label}" for label in classes]
+    return [example.prefix]
+
+
+def _merged(outputs: list[Any]) -> Any:
+    """One Prediction of the answers to several prompts of one image (per-class prompts)."""
+    if len(outputs) == 1:
+        return outputs[0]
+    mask = np.zeros_like(outputs[0].mask)
+    for output in outputs:
+        mask |= output.mask
+    return segmenter_lib.Prediction(
+        text=" | ".join(o.text for o in outputs),
+        mask=mask,
+        boxes=[b for o in outputs for b in o.boxes],
+        objects=sum(o.objects for o in outputs),
+        invalid_objects=sum(o.invalid_objects for o in outputs),
+        finished=all(o.finished for o in outputs),
+        labels=[label for o in outputs for label in o.labels],
+        object_masks=[m for o in outputs for m in o.object_masks],
+    )
+
+
+def _truth(example: Any) -> np.ndarray:
+    """Grey levels of a binary mask, or the index mask of a multi-class line (`data.classes`)."""
+    from paligemma_seg.data import classes as classes_lib
     from paligemma_seg.data import images as images_lib
 
-    greys = [images_lib.read_mask(e.mask).pixels for e in chunk]
+    if example.classes:
+        return classes_lib.read_index_mask(example.mask)
+    return images_lib.read_mask(example.mask).pixels
+
+
+def _decode_chunk(segmenter: segmenter_lib.Segmenter, chunk: list[Any]) -> tuple[list, list]:
+    """(ground truths, predictions at their sizes) of a batch of examples."""
+    truths = [_truth(e) for e in chunk]
     inputs = np.stack([preprocess.load_image(e.image, segmenter.image_size) for e in chunk])
-    predictions: list[Any] = [None] * len(chunk)
-    for prompt in sorted({e.prefix for e in chunk}):  # one prompt per dataset in practice
-        rows = [i for i, e in enumerate(chunk) if e.prefix == prompt]
-        outputs = segmenter.predict_inputs(inputs[rows], [greys[i].shape for i in rows], prompt)
+    asked = [_prompts(segmenter.cfg, e) for e in chunk]
+    answers: list[list[Any]] = [[] for _ in chunk]
+    for prompt in sorted({p for prompts in asked for p in prompts}):  # few prompts per dataset
+        rows = [i for i, prompts in enumerate(asked) if prompt in prompts]
+        outputs = segmenter.predict_inputs(inputs[rows], [truths[i].shape for i in rows], prompt)
         for row, output in zip(rows, outputs, strict=True):
-            predictions[row] = output
-    return greys, predictions
+            answers[row].append(output)
+    return truths, [_merged(a) for a in answers]
 
 
 def _score(
-    codec: Any, accumulator: metrics.SegmentationMetrics, example: Any, grey: Any, prediction: Any
+    codec: Any,
+    accumulator: metrics.SegmentationMetrics,
+    example: Any,
+    truth: Any,
+    prediction: Any,
+    classes: metrics.ClassIoU | None = None,
 ) -> dict[str, Any]:
-    """Adds one image to `accumulator`; returns its eval_examples.jsonl record."""
+    """Adds one image to `accumulator` (and, for multi-class lines, each class to `classes`);
+    returns its eval_examples.jsonl record."""
+    from paligemma_seg.data.classes import IGNORE
+
     gt_objects = len(codec_lib.parse_suffix(example.suffix))
-    gt = codec.reference_mask(grey)
-    iou = accumulator.add(prediction.mask, gt, prediction.valid, prediction.objects, gt_objects)
+    extra: dict[str, Any] = {}
+    if example.classes:
+        scored = truth != IGNORE
+        gt = (truth >= 1) & (truth <= len(example.classes))
+        predicted = prediction.mask & scored
+        extra["class_iou"] = {
+            label: classes.add(label, prediction.class_mask(label) & scored, truth == k)
+            for k, label in enumerate(example.classes, start=1)
+        }
+        ceiling = _class_ceiling(codec, truth, example.classes)
+    else:
+        gt, predicted = codec.reference_mask(truth), prediction.mask
+        ceiling = codec.ceiling_iou(truth)
+    iou = accumulator.add(predicted, gt, prediction.valid, prediction.objects, gt_objects)
     return {
         "image": _display_path(example.image),
         "text": prediction.text,
@@ -123,8 +183,17 @@ def _score(
         "invalid_objects": prediction.invalid_objects,
         "finished": prediction.finished,
         "gt_objects": gt_objects,
-        "ceiling_iou": codec.ceiling_iou(grey),
+        "ceiling_iou": ceiling,
+        **extra,
     }
+
+
+def _class_ceiling(codec: Any, index: np.ndarray, labels: tuple[str, ...]) -> float:
+    """Mean over the classes in the ground truth of each class mask's codec round trip."""
+    values = [
+        codec.ceiling_iou(index == k) for k in range(1, len(labels) + 1) if (index == k).any()
+    ]
+    return float(np.mean(values)) if values else 1.0
 
 
 def run_evaluation(
@@ -144,23 +213,26 @@ def run_evaluation(
     examples = _examples(cfg, split)
     segmenter = segmenter_lib.Segmenter(cfg, model, params)
     accumulator = metrics.SegmentationMetrics()
+    labels = next((e.classes for e in examples if e.classes), None)
+    classes = metrics.ClassIoU(tuple(labels)) if labels else None
     records, sheet_rows = [], []
     decode_seconds = 0.0
     for first in range(0, len(examples), segmenter.batch_size):
         chunk = examples[first : first + segmenter.batch_size]
         tick = time.perf_counter()
-        greys, predictions = _decode_chunk(segmenter, chunk)
+        truths, predictions = _decode_chunk(segmenter, chunk)
         decode_seconds += time.perf_counter() - tick
-        for example, grey, prediction in zip(chunk, greys, predictions, strict=True):
-            record = _score(segmenter.codec, accumulator, example, grey, prediction)
+        for example, truth, prediction in zip(chunk, truths, predictions, strict=True):
+            record = _score(segmenter.codec, accumulator, example, truth, prediction, classes)
             records.append(record)
             if len(sheet_rows) < int(cfg.eval.contact_sheet_rows):
-                gt = segmenter.codec.reference_mask(grey)
+                gt = (truth > 0) if example.classes else segmenter.codec.reference_mask(truth)
                 sheet_rows.append((example.image, gt, prediction, record["iou"]))
     result = {
         "split": split,
         "step": step,
         **accumulator.result(),
+        **(classes.result() if classes else {}),
         "ceiling_miou": float(np.mean([r["ceiling_iou"] for r in records])) if records else 0.0,
         "invalid_objects": int(sum(r["invalid_objects"] for r in records)),
         "constrained": bool(cfg.decode.constrained),

@@ -1,26 +1,34 @@
 """Constrained decoding: a token-level grammar of segmentation outputs, applied as a logit mask.
 
-The language is the codec's output format, in token ids:
+The language is the codec's output format, in token ids, over a set of labels L:
 
     EOS                                        (empty mask: the suffix is the empty string)
-  | OBJ (MID OBJ)* END EOS                     OBJ = <loc>y1 <loc>x1 <loc>y2 <loc>x2 <seg>x16
+  | OBJ (MID_l OBJ)* END_l EOS                 OBJ = <loc>y1 <loc>x1 <loc>y2 <loc>x2 <seg>xS
 
-MID (label + separator, e.g. " water ; ") and END (label, e.g. " water") are the exact token
-sequences the tokenizer produces in context; `from_suffix` reads them off a real two-object
-suffix, so the grammar fits any tokenizer. Boxes satisfy y1 + gap_y <= y2 and x1 + gap_x <= x2:
+each MID_l / END_l for any l in L, chosen per object (`segment water ; building` may label each
+object water or building). S = `segs_per_object`: 16 for segmentation, 0 for detection (PaliGemma's
+`detect a ; b` output, `<loc>x4 a ; <loc>x4 b`). MID_l (label + separator, e.g. " water ; ") and
+END_l (label, e.g. " water") are the exact token sequences the tokenizer produces in context;
+`from_suffix` / `from_labels` read them off a real two-object suffix, so the grammar fits any
+tokenizer. Boxes satisfy y1 + gap_y <= y2 and x1 + gap_x <= x2:
 gap 1 is the codec's parse rule (y2 > y1); given the size of the image an output is decoded at, the
 gap grows to ceil(1023 / side) so that the box also keeps at least one pixel after the codec's floor
 decoding (pixel = floor(loc * side / 1023)). The object count is capped, also by what fits in the
-decoding budget, so a constrained output is never cut short.
+decoding budget (with the longest MID and END of the set), so a constrained output is never cut
+short.
 
 The grammar is a small automaton over per-example integer state. `allowed_tokens` and `advance` are
 pure jnp functions of (tables, state, ...) meant to run inside the jitted decoding loop:
 
   state 0          START: <loc> (y1 of the first object) or EOS
   states 1..3      the other three locs: x1, y2 >= y1 + gap_y, x2 >= x1 + gap_x
-  states 4..19     the 16 segs
-  states 20..      a trie over END+[EOS] and MID+[<loc>] (the tail of an object)
+  states 4..3+S    the S segs (`first_seg_state`)
+  states 4+S..     a trie over END_l+[EOS] and MID_l+[<loc>] for every l (`tail_root_state`)
   last state       DONE
+
+At the object cap a state may only take the way out: a <loc> that starts an object, or a literal
+that leaves every END_l path (so commits to one more object), is refused; every state reachable
+at the cap still lies on some END_l path, so it always has an allowed token.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from paligemma_seg.segtokens import codec
 from paligemma_seg.segtokens.layout import LOCS_PER_BOX, TOKENS_PER_MASK, TOKENS_PER_OBJECT
 
 # Token classes.
@@ -40,8 +49,19 @@ OTHER, LOC, SEG, EOS = 0, 1, 2, 3
 ROLE_NONE, ROLE_Y1, ROLE_X1, ROLE_Y2, ROLE_X2 = 0, 1, 2, 3, 4
 
 START = 0
-FIRST_SEG = LOCS_PER_BOX
-TAIL_ROOT = FIRST_SEG + TOKENS_PER_MASK
+FIRST_SEG = LOCS_PER_BOX  # first <seg> state (any segs_per_object)
+TAIL_ROOT = FIRST_SEG + TOKENS_PER_MASK  # trie root of the segmentation grammar (16 segs)
+
+
+def first_seg_state(segs_per_object: int = TOKENS_PER_MASK) -> int:
+    """State of an object's first <seg> (with 0 segs, that index is the tail's root)."""
+    del segs_per_object  # the segs always follow the four locs
+    return LOCS_PER_BOX
+
+
+def tail_root_state(segs_per_object: int = TOKENS_PER_MASK) -> int:
+    """State after an object's last token: the root of the label trie."""
+    return LOCS_PER_BOX + segs_per_object
 
 
 @flax.struct.dataclass
@@ -74,6 +94,17 @@ class GrammarTables:
     def vocab_size(self) -> int:
         return self.token_class.shape[0]
 
+    @property
+    def segs_per_object(self) -> int:
+        """<seg> tokens per object (16 segmentation, 0 detection). Concrete tables only (not
+        inside jit)."""
+        return int(np.count_nonzero(np.asarray(self.allow_seg)))
+
+    @property
+    def tail_root(self) -> int:
+        """State of the label trie's root. Concrete tables only (not inside jit)."""
+        return tail_root_state(self.segs_per_object)
+
 
 @flax.struct.dataclass
 class GrammarState:
@@ -102,26 +133,33 @@ def initial_state(
     return GrammarState(state=zeros, objects=zeros, y1=zeros, x1=zeros, gap_y=gap_y, gap_x=gap_x)
 
 
-def max_objects_in_budget(max_new_tokens: int, mid_len: int, end_len: int) -> int:
-    """Largest n with 20n + (n-1)·|MID| + |END| + 1 (EOS) <= max_new_tokens."""
-    if max_new_tokens < TOKENS_PER_OBJECT + end_len + 1:
+def max_objects_in_budget(
+    max_new_tokens: int, mid_len: int, end_len: int, tokens_per_object: int = TOKENS_PER_OBJECT
+) -> int:
+    """Largest n with T·n + (n-1)·|MID| + |END| + 1 (EOS) <= max_new_tokens, T = tokens per object
+    (20 segmentation, 4 detection). With a set of labels pass the longest MID and END."""
+    if max_new_tokens < tokens_per_object + end_len + 1:
         return 0
-    return (max_new_tokens - 1 - end_len + mid_len) // (TOKENS_PER_OBJECT + mid_len)
+    return (max_new_tokens - 1 - end_len + mid_len) // (tokens_per_object + mid_len)
 
 
 def split_suffix_tokens(
-    ids: Sequence[int], loc_ids: Sequence[int], seg_ids: Sequence[int]
+    ids: Sequence[int],
+    loc_ids: Sequence[int],
+    seg_ids: Sequence[int],
+    segs_per_object: int = TOKENS_PER_MASK,
 ) -> tuple[list[int], list[int]]:
     """(MID, END) from the token ids of a two-object suffix `OBJ MID OBJ END`."""
     loc_set, seg_set = set(int(i) for i in loc_ids), set(int(i) for i in seg_ids)
-    expected = "4 <loc> + 16 <seg>, label and separator, 4 <loc> + 16 <seg>, label"
+    obj = f"{LOCS_PER_BOX} <loc> + {segs_per_object} <seg>"
+    expected = f"{obj}, label and separator, {obj}, label"
 
     def read_object(position: int) -> int:
-        pattern = [loc_set] * LOCS_PER_BOX + [seg_set] * TOKENS_PER_MASK
+        pattern = [loc_set] * LOCS_PER_BOX + [seg_set] * segs_per_object
         for offset, allowed in enumerate(pattern):
             if position + offset >= len(ids) or int(ids[position + offset]) not in allowed:
                 raise ValueError(f"example suffix ids {list(ids)} are not {expected}")
-        return position + TOKENS_PER_OBJECT
+        return position + len(pattern)
 
     position = read_object(0)
     mid_start = position
@@ -148,14 +186,16 @@ def _token_tables(
     return token_class, loc_value
 
 
-def _tail_trie(mid: list[int], end: list[int]) -> list[dict]:
-    """Trie over the two ways an object's tail can go: END then EOS, or MID then the next object.
+def _tail_trie(mids: Sequence[list[int]], ends: Sequence[list[int]]) -> list[dict]:
+    """Trie over the ways an object's tail can go: some END_l then EOS, or some MID_l then the
+    next object.
 
     Node 0 is the root; each node has `children` (token -> node), `eos` / `loc` (may end there /
-    start the next object there) and `on_end` (lies on the END path, so it does not commit to
-    one more object)."""
+    start the next object there) and `on_end` (lies on some END_l path, so it does not commit to
+    one more object). ENDs go in first, then MIDs (one label: the same node numbering as ever)."""
     nodes: list[dict] = [{"children": {}, "eos": False, "loc": False, "on_end": True}]
-    for path, is_end in ((end, True), (mid, False)):
+    paths = [(end, True) for end in ends] + [(mid, False) for mid in mids]
+    for path, is_end in paths:
         node = 0
         for token in path:
             children = nodes[node]["children"]
@@ -168,9 +208,12 @@ def _tail_trie(mid: list[int], end: list[int]) -> list[dict]:
     return nodes
 
 
-def _state_tables(nodes: list[dict], vocab_size: int) -> dict[str, np.ndarray]:
+def _state_tables(
+    nodes: list[dict], vocab_size: int, segs_per_object: int = TOKENS_PER_MASK
+) -> dict[str, np.ndarray]:
     """Per-state arrays (see `GrammarTables`) of the automaton with the tail trie `nodes`."""
-    num_states = TAIL_ROOT + len(nodes) + 1
+    first_seg, tail_root = first_seg_state(segs_per_object), tail_root_state(segs_per_object)
+    num_states = tail_root + len(nodes) + 1
     done = num_states - 1
     width = max(1, max(len(node["children"]) for node in nodes))
     t = {
@@ -188,19 +231,74 @@ def _state_tables(nodes: list[dict], vocab_size: int) -> dict[str, np.ndarray]:
     corners = ((START, ROLE_Y1), (1, ROLE_X1), (2, ROLE_Y2), (3, ROLE_X2))
     for state, role in corners:
         t["allow_loc"][state], t["loc_role"][state], t["loc_next"][state] = True, role, state + 1
-    for state in range(FIRST_SEG, TAIL_ROOT):
+    for state in range(first_seg, tail_root):
         t["allow_seg"][state], t["seg_next"][state] = True, state + 1
     for index, node in enumerate(nodes):
-        state = TAIL_ROOT + index
+        state = tail_root + index
         t["allow_eos"][state] = node["eos"]
         if node["loc"]:
             t["allow_loc"][state], t["loc_role"][state], t["loc_next"][state] = True, ROLE_Y1, 1
         for k, (token, child) in enumerate(sorted(node["children"].items())):
             t["literal_ids"][state, k] = token
-            t["literal_next"][state, k] = TAIL_ROOT + child
+            t["literal_next"][state, k] = tail_root + child
             t["literal_more"][state, k] = not nodes[child]["on_end"]
     t["allow_eos"][done] = True  # decoding pads after EOS; this only keeps the mask non-empty.
     return t
+
+
+def build_labels(
+    vocab_size: int,
+    loc_ids: Sequence[int],
+    seg_ids: Sequence[int],
+    eos_id: int,
+    mids: Sequence[Sequence[int]],
+    ends: Sequence[Sequence[int]],
+    max_objects: int,
+    max_new_tokens: int,
+    strict_boxes: bool = True,
+    segs_per_object: int = TOKENS_PER_MASK,
+) -> GrammarTables:
+    """Tables of the grammar for a vocabulary layout and a set of labels, one (MID, END) each.
+
+    Args:
+      vocab_size: the model's vocabulary size V (may exceed the tokenizer's; extra ids are
+        never allowed).
+      loc_ids: ids of <loc0000>.. in bin order; seg_ids: ids of <seg000>.. (any order).
+      eos_id: the end-of-sequence id.
+      mids: per label, the tokens between two objects (label + separator).
+      ends: per label (same order), the tokens after the last object (label).
+      max_objects: cap on the number of objects.
+      max_new_tokens: the decoding budget; the cap is lowered so every output ends in it (with
+        the longest MID and END of the set).
+      strict_boxes: require y2 > y1 and x2 > x1 (else >=).
+      segs_per_object: <seg> tokens after each box: 16 (segmentation) or 0 (detection).
+    """
+    mids = [[int(i) for i in mid] for mid in mids]
+    ends = [[int(i) for i in end] for end in ends]
+    if not mids or len(mids) != len(ends):
+        raise ValueError(f"need one MID and one END per label, got {len(mids)} and {len(ends)}")
+    if not 0 <= segs_per_object <= TOKENS_PER_MASK:
+        raise ValueError(f"segs_per_object must be in 0..{TOKENS_PER_MASK}, got {segs_per_object}")
+    special = set(int(i) for i in loc_ids) | set(int(i) for i in seg_ids) | {int(eos_id)}
+    for mid, end in zip(mids, ends, strict=True):
+        if special & (set(mid) | set(end)):
+            raise ValueError(f"label/separator tokens {mid} / {end} may not be <loc>/<seg>/EOS")
+    token_class, loc_value = _token_tables(vocab_size, loc_ids, seg_ids, eos_id)
+    states = _state_tables(_tail_trie(mids, ends), vocab_size, segs_per_object)
+    budget_cap = max_objects_in_budget(
+        max_new_tokens,
+        max(len(mid) for mid in mids),
+        max(len(end) for end in ends),
+        tokens_per_object=LOCS_PER_BOX + segs_per_object,
+    )
+    return GrammarTables(
+        token_class=jnp.asarray(token_class),
+        loc_value=jnp.asarray(loc_value),
+        **{name: jnp.asarray(value) for name, value in states.items()},
+        max_objects=jnp.asarray(min(max_objects, budget_cap), jnp.int32),
+        gap=jnp.asarray(1 if strict_boxes else 0, jnp.int32),
+        num_bins=jnp.asarray(len(loc_ids), jnp.int32),
+    )
 
 
 def build(
@@ -214,33 +312,17 @@ def build(
     max_new_tokens: int,
     strict_boxes: bool = True,
 ) -> GrammarTables:
-    """Tables of the grammar for a vocabulary layout and a (MID, END) pair.
-
-    Args:
-      vocab_size: the model's vocabulary size V (may exceed the tokenizer's; extra ids are
-        never allowed).
-      loc_ids: ids of <loc0000>.. in bin order; seg_ids: ids of <seg000>.. (any order).
-      eos_id: the end-of-sequence id.
-      mid: tokens between two objects (label + separator).
-      end: tokens after the last object (label).
-      max_objects: cap on the number of objects.
-      max_new_tokens: the decoding budget; the cap is lowered so every output ends in it.
-      strict_boxes: require y2 > y1 and x2 > x1 (else >=).
-    """
-    mid, end = [int(i) for i in mid], [int(i) for i in end]
-    special = set(int(i) for i in loc_ids) | set(int(i) for i in seg_ids) | {int(eos_id)}
-    if special & (set(mid) | set(end)):
-        raise ValueError(f"label/separator tokens {mid} / {end} may not be <loc>/<seg>/EOS")
-    token_class, loc_value = _token_tables(vocab_size, loc_ids, seg_ids, eos_id)
-    states = _state_tables(_tail_trie(mid, end), vocab_size)
-    cap = min(max_objects, max_objects_in_budget(max_new_tokens, len(mid), len(end)))
-    return GrammarTables(
-        token_class=jnp.asarray(token_class),
-        loc_value=jnp.asarray(loc_value),
-        **{name: jnp.asarray(value) for name, value in states.items()},
-        max_objects=jnp.asarray(cap, jnp.int32),
-        gap=jnp.asarray(1 if strict_boxes else 0, jnp.int32),
-        num_bins=jnp.asarray(len(loc_ids), jnp.int32),
+    """Tables of the segmentation grammar for one label's (MID, END); see `build_labels`."""
+    return build_labels(
+        vocab_size=vocab_size,
+        loc_ids=loc_ids,
+        seg_ids=seg_ids,
+        eos_id=eos_id,
+        mids=[mid],
+        ends=[end],
+        max_objects=max_objects,
+        max_new_tokens=max_new_tokens,
+        strict_boxes=strict_boxes,
     )
 
 
@@ -266,6 +348,67 @@ def from_suffix(
         max_objects=max_objects,
         max_new_tokens=max_new_tokens,
         strict_boxes=strict_boxes,
+    )
+
+
+def label_suffix(label: str, segs_per_object: int = TOKENS_PER_MASK) -> str:
+    """A two-object suffix with `label` on both, written by the codec's own formatter."""
+    obj = codec.format_object([1, 2, 300, 400], list(range(segs_per_object)), label)
+    return codec.join_objects([obj, obj])
+
+
+def label_tokens(
+    tokenizer, labels: Sequence[str], segs_per_object: int = TOKENS_PER_MASK
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(MIDs, ENDs) of `labels` (in order) as `tokenizer` writes them in a suffix.
+
+    A label must be non-empty, carry no surrounding spaces, no ";" and no <loc>/<seg> markup, and
+    must come back from the tokenizer as written (else the parser would read another label).
+    """
+    mids, ends = [], []
+    loc_ids, seg_ids = np.asarray(tokenizer.loc_ids), np.asarray(tokenizer.seg_ids)
+    for label in labels:
+        if not isinstance(label, str) or not label.strip() or label != label.strip():
+            raise ValueError(f"label {label!r} must be non-empty text without surrounding spaces")
+        if ";" in label or codec.parse_suffix(label)[0].problem != "no tokens":
+            raise ValueError(f"label {label!r} may not hold ';' or <loc>/<seg> tokens")
+        ids = tokenizer.encode(label_suffix(label, segs_per_object))
+        mid, end = split_suffix_tokens(ids, loc_ids, seg_ids, segs_per_object)
+        if tokenizer.decode(end).strip() != label:
+            raise ValueError(
+                f"label {label!r} comes back from the tokenizer as {tokenizer.decode(end)!r}"
+            )
+        mids.append(mid)
+        ends.append(end)
+    return mids, ends
+
+
+def from_labels(
+    tokenizer,
+    labels: Sequence[str],
+    vocab_size: int,
+    max_objects: int,
+    max_new_tokens: int,
+    strict_boxes: bool = True,
+    segs_per_object: int = TOKENS_PER_MASK,
+) -> GrammarTables:
+    """Tables of the grammar over a set of labels (each object may take any of them), with each
+    label's MID/END read off the tokenizer in context. `segs_per_object=0`: detection."""
+    labels = list(dict.fromkeys(labels))  # the order of first appearance, no repeats
+    if not labels:
+        raise ValueError("from_labels needs at least one label")
+    mids, ends = label_tokens(tokenizer, labels, segs_per_object)
+    return build_labels(
+        vocab_size=vocab_size,
+        loc_ids=np.asarray(tokenizer.loc_ids),
+        seg_ids=np.asarray(tokenizer.seg_ids),
+        eos_id=tokenizer.eos_id,
+        mids=mids,
+        ends=ends,
+        max_objects=max_objects,
+        max_new_tokens=max_new_tokens,
+        strict_boxes=strict_boxes,
+        segs_per_object=segs_per_object,
     )
 
 

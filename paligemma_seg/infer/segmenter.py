@@ -8,6 +8,7 @@ codec; segmentation prompts decode under the token grammar (`grammar`), so every
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -22,8 +23,7 @@ import numpy as np
 from paligemma_seg import experiment
 from paligemma_seg import tokenizer as tokenizer_lib
 from paligemma_seg.data import preprocess
-from paligemma_seg.infer import decode, grammar
-from paligemma_seg.weights import orbax
+from paligemma_seg.infer import decode, grammar, sources
 
 SEGMENT_PREFIX = "segment"
 
@@ -31,6 +31,15 @@ SEGMENT_PREFIX = "segment"
 def is_segmentation_prompt(prompt: str) -> bool:
     """PaliGemma's segmentation prompts start with "segment" (e.g. "segment water")."""
     return prompt.strip().lower().startswith(SEGMENT_PREFIX)
+
+
+def prompt_labels(prompt: str, default: str) -> tuple[str | None, list[str]]:
+    """(task, labels) of a prompt: ('segment', ['water', 'building']) for `segment water ;
+    building`; a bare `segment` asks for `default`; (None, []) for other prompts."""
+    from paligemma_seg.data import tasks
+
+    task, labels = tasks.prompt_task(prompt)
+    return task, (labels or [default]) if task else []
 
 
 def example_suffix(label: str) -> str:
@@ -41,29 +50,48 @@ def example_suffix(label: str) -> str:
     return codec_lib.join_objects([obj, obj])
 
 
-def max_objects(cfg: ml_collections.ConfigDict) -> int:
-    """Object cap of constrained decoding: decode.max_objects, within what the codec encodes."""
-    cap = min(int(cfg.decode.max_objects), int(cfg.codec.max_objects))
-    return 1 if cfg.codec.whole_mask else cap
+def max_objects(cfg: ml_collections.ConfigDict, num_labels: int = 1) -> int:
+    """Object cap of constrained decoding: decode.max_objects, within what the codec encodes for
+    `num_labels` classes (codec.max_objects per class; one per class with codec.whole_mask)."""
+    per_class = 1 if cfg.codec.whole_mask else int(cfg.codec.max_objects)
+    return min(int(cfg.decode.max_objects), per_class * num_labels)
 
 
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-    """One image's result: the output text and the mask it decodes to at the image's size."""
+    """One image's result: the output text and the mask it decodes to at the image's size.
+
+    For a detection prompt (`detect ...`) objects are boxes: `mask` and `object_masks` fill them.
+    """
 
     text: str
-    mask: np.ndarray  # bool[H, W]
+    mask: np.ndarray  # bool[H, W]: union of the valid objects
     boxes: list[
         tuple[int, int, int, int]
     ]  # pixel boxes (y1, x1, y2, x2, exclusive) of valid objects
     objects: int  # valid objects
     invalid_objects: int
     finished: bool  # ended with EOS within max_new_tokens
+    labels: list[str] = dataclasses.field(default_factory=list)  # of the valid objects
+    object_masks: list[np.ndarray] = dataclasses.field(default_factory=list)  # bool[H, W] each
 
     @property
     def valid(self) -> bool:
         """The whole output parsed: EOS reached and no invalid object."""
         return self.finished and self.invalid_objects == 0
+
+    @property
+    def masks(self) -> list[np.ndarray]:
+        """bool[H, W] per valid object (`object_masks`), in the order of `boxes` and `labels`."""
+        return self.object_masks
+
+    def class_mask(self, label: str) -> np.ndarray:
+        """bool[H, W]: the union of the valid objects labelled `label`."""
+        mask = np.zeros(self.mask.shape, bool)
+        for own, object_mask in zip(self.labels, self.object_masks, strict=True):
+            if own == label:
+                mask |= object_mask
+        return mask
 
 
 def _mesh_of(params: Any) -> Any:
@@ -124,13 +152,15 @@ class Segmenter:
             out = sharding.replicated(self.mesh)
         fn = decode.make_decode_fn(self.model, settings, rules=rules, out_shardings=out)
         tables = None
-        if self.cfg.decode.constrained and is_segmentation_prompt(prompt):
-            tables = grammar.from_suffix(
+        task, labels = prompt_labels(prompt, self.codec.config.label)
+        if self.cfg.decode.constrained and task is not None:
+            tables = grammar.from_labels(
                 self.tokenizer,
-                example_suffix(self.codec.config.label),
+                labels,
                 vocab_size=self.model.config.llm.vocab_size,
-                max_objects=max_objects(self.cfg),
+                max_objects=max_objects(self.cfg, len(labels)),
                 max_new_tokens=max_new,
+                segs_per_object=16 if task == "segment" else 0,
             )
             if self.mesh is not None:
                 tables = jax.device_put(tables, out)
@@ -170,9 +200,10 @@ class Segmenter:
             result = fn(self.params, self._place(batch), tables, rng)
             ids = decode.output_ids(result)[:count]
             finished = np.asarray(jax.device_get(result.finished))[:count]
+            detect = prompt_labels(prompt, "")[0] == "detect"
             for index, (row, done) in enumerate(zip(ids, finished, strict=True)):
                 height, width = sizes[start + index]
-                results.append(self._to_prediction(row, bool(done), height, width))
+                results.append(self._to_prediction(row, bool(done), height, width, detect))
         return results
 
     def predict_images(self, images: Sequence[np.ndarray], prompt: str) -> list[Prediction]:
@@ -180,17 +211,76 @@ class Segmenter:
         inputs = np.stack([preprocess.from_pixels(image, self.image_size) for image in images])
         return self.predict_inputs(inputs, [image.shape[:2] for image in images], prompt)
 
-    def _to_prediction(self, ids: list[int], finished: bool, height: int, width: int) -> Prediction:
-        from paligemma_seg.segtokens import codec as codec_lib
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, config: Any = None, **overrides: Any
+    ) -> Segmenter:
+        """A Segmenter for a training workdir, an orbax checkpoint, a .npz or an HF directory.
 
+        The config is the run's config.json found beside the weights, else `config`
+        (configs/NAME.py, a config.json or a ConfigDict); `overrides` set dotted keys
+        (`**{"decode.max_objects": 2}`). See `infer.pretrained`.
+        """
+        from paligemma_seg.infer import pretrained
+
+        return pretrained.load(cls, path, config, overrides)
+
+    def predict(self, image: Any, prompt: str | None = None) -> Prediction:
+        """One image (a path, a PIL image or a uint8 array) -> its `Prediction` at its size;
+        `prompt` defaults to the config's data.prefix."""
+        return self.predict_batch([image], prompt)[0]
+
+    def predict_batch(self, images: Sequence[Any], prompt: str | None = None) -> list[Prediction]:
+        """Images (paths, PIL images, uint8 arrays; any sizes) -> one `Prediction` each, decoded
+        eval.batch_size at a time."""
+        from paligemma_seg.infer import pretrained
+
+        pixels = [pretrained.to_pixels(image) for image in images]
+        with contextlib.ExitStack() as stack:
+            if self.mesh is not None:
+                stack.enter_context(jax.set_mesh(self.mesh))
+            return self.predict_images(pixels, prompt or self.cfg.data.prefix)
+
+    def _to_prediction(
+        self, ids: list[int], finished: bool, height: int, width: int, detect: bool = False
+    ) -> Prediction:
         text = self.tokenizer.decode(ids)
-        decoded = self.codec.decode(text, height, width)
-        boxes = [
-            tuple(int(v) for v in codec_lib.locs_to_box(np.asarray(o.locs), height, width))
-            for o in decoded.objects
-            if o.problem is None
+        return to_prediction(self.codec, text, finished, height, width, detect)
+
+
+def to_prediction(
+    codec: Any, text: str, finished: bool, height: int, width: int, detect: bool = False
+) -> Prediction:
+    """Output text -> Prediction at (height, width): each valid object's mask pasted into its box
+    by the codec's VQ-VAE decoder (a filled box for detection outputs)."""
+    from paligemma_seg.segtokens import codec as codec_lib
+
+    parsed = codec_lib.parse_boxes(text) if detect else codec_lib.parse_suffix(text)
+    boxes, kept = [], []
+    for item in parsed:
+        if item.problem is None:
+            box = codec_lib.locs_to_box(np.asarray(item.locs), height, width)
+            if box[2] > box[0] and box[3] > box[1]:  # can still collapse after the floor decode
+                boxes.append(tuple(int(v) for v in box))
+                kept.append(item)
+    masks = []
+    if kept and not detect:
+        logits = codec.vqvae.decode(np.asarray([o.codes for o in kept], np.int32))[..., 0]
+        masks = [
+            codec_lib.paste(logit[None], np.asarray([box]), height, width)
+            for logit, box in zip(logits, boxes, strict=True)
         ]
-        return Prediction(text, decoded.mask, boxes, decoded.valid, decoded.invalid, finished)
+    elif kept:
+        for y1, x1, y2, x2 in boxes:
+            masks.append(np.zeros((height, width), bool))
+            masks[-1][y1:y2, x1:x2] = True
+    union = np.zeros((height, width), bool)
+    for mask in masks:
+        union |= mask
+    labels = [o.label for o in kept]
+    return Prediction(
+        text, union, boxes, len(kept), len(parsed) - len(kept), finished, labels, masks
+    )
 
 
 def params_source(
@@ -204,14 +294,11 @@ def params_source(
                 f"--checkpoint {checkpoint} not found; pass a training checkpoint directory "
                 "(WORKDIR/checkpoints or WORKDIR/checkpoints/STEP), a .npz file or an HF directory."
             )
-        return checkpoint
+        return sources.resolve(checkpoint).weights  # a workdir: its newest checkpoint or npz
     if workdir:
-        for candidate in ("checkpoints", "params.npz"):
-            path = os.path.join(workdir, candidate)
-            if os.path.exists(path) and (
-                candidate == "params.npz" or orbax.is_orbax_checkpoint(path)
-            ):
-                return path
+        found = sources.weights_in_workdir(workdir)
+        if found:
+            return found
     return cfg.init
 
 

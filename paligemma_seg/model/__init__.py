@@ -15,6 +15,7 @@ from paligemma_seg.model.config import (
     get_preset,
     tiny_config,
 )
+from paligemma_seg.model.lora import LoraPair, LoraSettings
 from paligemma_seg.model.paligemma import (
     KVCache,
     PaliGemma,
@@ -29,6 +30,8 @@ __all__ = [
     "PRESETS",
     "GemmaConfig",
     "KVCache",
+    "LoraPair",
+    "LoraSettings",
     "PaliGemma",
     "PaliGemmaConfig",
     "SiglipConfig",

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from paligemma_seg.model import layers
+from paligemma_seg.model import layers, lora
 from paligemma_seg.model.config import GemmaConfig
 
 # Finite "minus infinity": a fully masked row (a padding query) gives a uniform softmax, not NaN.
@@ -200,10 +200,20 @@ class FeedForward(nn.Module):
         # backward pass of the 3D einsum adds transpose copies (~30% of the MLP's time).
         batch, length, width = x.shape
         rows = x.reshape(batch * length, width)  # [B*T, D]
-        gate = jax.nn.gelu(rows @ gating[0], approximate=True)
-        hidden = (gate * (rows @ gating[1])).reshape(batch, length, cfg.mlp_dim)  # [B, T, F]
-        hidden = layers.constrain(hidden, ("batch", "length", "mlp"))
-        return (hidden.reshape(batch * length, cfg.mlp_dim) @ linear).reshape(batch, length, width)
+        gating_lora, linear_lora = lora.adapter(self, "gating_einsum"), lora.adapter(self, "linear")
+
+        def project(rows: jax.Array, weight: jax.Array, pair: lora.LoraPair | None) -> jax.Array:
+            out = rows @ weight
+            if pair is not None:  # Rows are "M": B*T.
+                out = out + lora.einsum_term(self, "MI,IO->MO", rows, pair, self.dtype)
+            return out
+
+        slot = lambda index: None if gating_lora is None else gating_lora.slot(index)
+        gate = jax.nn.gelu(project(rows, gating[0], slot(0)), approximate=True)
+        hidden = (gate * project(rows, gating[1], slot(1))).reshape(batch, length, cfg.mlp_dim)
+        hidden = layers.constrain(hidden, ("batch", "length", "mlp"))  # [B, T, F]
+        out = project(hidden.reshape(batch * length, cfg.mlp_dim), linear, linear_lora)
+        return out.reshape(batch, length, width)
 
 
 class Block(nn.Module):

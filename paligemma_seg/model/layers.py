@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from paligemma_seg.model import lora, quant
+
 Axes = tuple[str | None, ...]
 Initializer = Callable[..., jax.Array]
 
@@ -36,18 +38,26 @@ def make_param(
     axes: Axes,
     param_dtype: Any,
 ) -> jax.Array:
-    """Creates parameter `name` carrying logical axis names (boxed in `init`, plain in `apply`)."""
+    """Creates parameter `name` carrying logical axis names (boxed in `init`, plain in `apply`).
+
+    An int8 `quant.Quantized` leaf (optim.frozen_dtype='int8') comes back dequantised, here in the
+    layer that uses it.
+    """
     if len(axes) != len(shape):
         raise ValueError(
             f"parameter {name!r}: {len(axes)} axis names {axes} for shape {tuple(shape)}"
         )
-    return module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), param_dtype)
+    value = module.param(name, nn.with_logical_partitioning(init, axes), tuple(shape), param_dtype)
+    if isinstance(value, quant.Quantized):
+        return value.dequantize()  # float32; the caller's cast to `dtype` fuses with it.
+    return value
 
 
 class Einsum(nn.Module):
     """`einsum(eqn, x, w) (+ b)` with a weight of `shape`; the weight is called `param_name`.
 
     Gemma's projections are `w` without bias; SigLIP's are `kernel` + `bias` (flax Dense naming).
+    A LoRA adapter of the weight (collection 'lora', `lora.py`) adds its low-rank term.
     """
 
     shape: tuple[int, ...]
@@ -63,6 +73,9 @@ class Einsum(nn.Module):
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
         w = make_param(self, self.param_name, self.init, self.shape, self.axes, self.param_dtype)
         y = jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+        adapter = lora.adapter(self, self.param_name)
+        if adapter is not None:
+            y = y + lora.einsum_term(self, eqn, x, adapter, self.dtype)
         if self.bias_shape is not None:
             b = make_param(
                 self, "bias", nn.initializers.zeros_init(), self.bias_shape, self.bias_axes,
@@ -139,7 +152,7 @@ def scan_blocks(
         block = nn.remat(block, prevent_cse=False, policy=jax.checkpoint_policies.nothing_saveable)
     return nn.scan(
         block,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, lora.COLLECTION: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=length,

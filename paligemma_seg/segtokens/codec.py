@@ -296,6 +296,32 @@ def _parse_object(chunk: str) -> ParsedObject:
     return ParsedObject(chunk, locs, codes, label, problem)
 
 
+def _parse_box(chunk: str) -> ParsedObject:
+    """A detection object: 4 <loc> tokens then a label (no <seg>)."""
+    tokens = list(_TOKEN.finditer(chunk))
+    kinds = "".join("l" if t.group(1) == "loc" else "s" for t in tokens)
+    label = chunk[tokens[-1].end() :].strip() if tokens else ""
+    if not tokens or chunk[: tokens[0].start()].strip():
+        return ParsedObject(chunk, None, None, "", "no tokens" if not tokens else "text first")
+    if kinds != "l" * LOCS_PER_BOX or any(len(t.group(2)) != 4 for t in tokens):
+        return ParsedObject(chunk, None, None, label, "expected 4 loc tokens (4 digits each)")
+    locs = tuple(int(t.group(2)) for t in tokens)
+    if max(locs) >= NUM_LOC_BINS:
+        problem = "token value out of range"
+    elif locs[2] <= locs[0] or locs[3] <= locs[1]:
+        problem = "inverted or empty box"
+    else:
+        problem = None
+    return ParsedObject(chunk, locs, None, label, problem)
+
+
+def parse_boxes(text: str) -> list[ParsedObject]:
+    """Detection output (`<loc>x4 label ; ...`) -> a ParsedObject per chunk (codes None)."""
+    if not isinstance(text, str):
+        text = "" if text is None else str(text)
+    return [_parse_box(chunk) for chunk in split_objects(text)]
+
+
 def parse_suffix(text: str) -> list[ParsedObject]:
     """Model output -> a ParsedObject per non-empty `;` chunk. Never raises; see `problem`."""
     if not isinstance(text, str):

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from paligemma_seg.model import LoraSettings, lora, quant
 from paligemma_seg.weights.spec import flatten, unflatten
 
 Params = dict[str, Any]
@@ -28,7 +29,11 @@ TRAINABLE_PRESETS: dict[str, str] = {
     "llm": r"^llm/",
     "img": r"^img/",
     "all": r"",
+    "none": r"(?!)",  # Nothing of the base tree (LoRA: only the adapters train).
 }
+FROZEN_DTYPES = ("", "float32", "bfloat16", "float16", "int8")
+# optim.frozen_dtype='int8': frozen projections int8 (model/quant.py), other frozen leaves in this.
+INT8_OTHERS_DTYPE = "bfloat16"
 OPTIMIZERS = ("sgd", "adamw", "adafactor")
 SCHEDULES = ("cosine", "linear", "constant")
 _NO_DECAY_LEAVES = ("scale", "bias")  # Norm scales and biases are never weight-decayed.
@@ -50,6 +55,7 @@ class OptimConfig:
     grad_accum: int = 1
     trainable: str = "attn"
     frozen_dtype: str = ""
+    lora: Any = None  # LoraSettings, or the `optim.lora` dict; None = no adapters.
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZERS:
@@ -61,11 +67,14 @@ class OptimConfig:
                 raise ValueError(f"optim.{key}={getattr(self, key)} must be in [0, 1).")
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum={self.grad_accum} must be >= 1.")
-        if self.frozen_dtype not in ("", "float32", "bfloat16", "float16"):
+        if self.frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(
-                f"optim.frozen_dtype={self.frozen_dtype!r}; use '', 'float32', 'bfloat16' or "
-                "'float16'."
+                f"optim.frozen_dtype={self.frozen_dtype!r}; use '', 'float32', 'bfloat16', "
+                "'float16' or 'int8'."
             )
+        if not isinstance(self.lora, LoraSettings):
+            settings = LoraSettings(**dict(self.lora or {}))
+            object.__setattr__(self, "lora", settings)
 
 
 def trainable_mask(params: Params, trainable: str) -> Params:
@@ -83,7 +92,8 @@ def trainable_mask(params: Params, trainable: str) -> Params:
             f"valid regex: {error}"
         ) from error
     flat = flatten(params)
-    mask = {path: bool(regex.search(path)) for path in flat}
+    # LoRA adapters (`params['lora']`, model/lora.py) always train.
+    mask = {path: path.startswith("lora/") or bool(regex.search(path)) for path in flat}
     if not any(mask.values()):
         examples = ", ".join(list(flat)[:4])
         raise ValueError(
@@ -111,6 +121,50 @@ def cast_frozen(params: Params, mask: Params, dtype: str) -> Params:
         return params
     flat, flat_mask = flatten(params), flatten(mask)
     return unflatten({k: v if flat_mask[k] else v.astype(dtype) for k, v in flat.items()})
+
+
+def with_adapters(abstract: Params, axes: Params, settings: LoraSettings) -> tuple[Params, Params]:
+    """(abstract params, logical axes) with LoRA adapters of `settings` under 'lora'."""
+    shapes, pair_axes = lora.adapter_shapes(flatten(abstract), flatten(axes), settings)
+    return {**abstract, "lora": unflatten(shapes)}, {**axes, "lora": unflatten(pair_axes)}
+
+
+def init_adapters(target: Params, rng: jax.Array) -> Params:
+    """Fresh adapters placed as `target` (tree of LoraPair of sharded ShapeDtypeStructs) says."""
+    flat = flatten(target)
+    shardings = {k: jax.tree_util.tree_map(lambda x: x.sharding, v) for k, v in flat.items()}
+    init = jax.jit(lambda key: lora.init_adapters(flat, key), out_shardings=shardings)
+    return unflatten(init(rng))
+
+
+def frozen_storage(abstract: Params, mask: Params, frozen_dtype: str) -> Params:
+    """Abstract params as stored: frozen leaves in `frozen_dtype`; with 'int8' the frozen
+    projections become `quant.Quantized` (int8 + per-channel scales), other frozen leaves bf16."""
+    if frozen_dtype != "int8":
+        return jax.eval_shape(lambda p: cast_frozen(p, mask, frozen_dtype), abstract)
+    flat, flat_mask = flatten(abstract), flatten(mask)
+    stored = {}
+    for path, leaf in flat.items():
+        if quant.quantizable(path, frozen=not flat_mask[path]):
+            stored[path] = quant.quantized_shape(leaf, path)
+        elif not flat_mask[path]:
+            stored[path] = jax.ShapeDtypeStruct(leaf.shape, INT8_OTHERS_DTYPE)
+        else:
+            stored[path] = leaf
+    return unflatten(stored)
+
+
+def storage_axes(axes: Params, stored: Params) -> Params:
+    """Logical axes of `frozen_storage`'s tree (Quantized leaves get Quantized axes)."""
+    flat_axes, flat = flatten(axes), flatten(stored)
+    return unflatten(
+        {
+            path: quant.quantized_axes(flat_axes[path], path)
+            if isinstance(leaf, quant.Quantized)
+            else flat_axes[path]
+            for path, leaf in flat.items()
+        }
+    )
 
 
 def count_params(params: Params) -> int:

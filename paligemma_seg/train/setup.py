@@ -64,13 +64,15 @@ def make_plan(cfg: ml_collections.ConfigDict, mesh: Any) -> Plan:
     rules = sharding.get_rules(cfg.mesh.strategy)
     sharding.check_batch(mesh, cfg.batch_size, optim_cfg.grad_accum)
     model, model_cfg = experiment.build_model(cfg)
-    abstract_params = param_shapes(model_cfg)
+    abstract_params, axes = param_shapes(model_cfg), logical_axes(model_cfg)
+    if optim_cfg.lora.rank:  # Adapters in params['lora'] (model/lora.py).
+        abstract_params, axes = optim.with_adapters(abstract_params, axes, optim_cfg.lora)
     mask = optim.trainable_mask(abstract_params, optim_cfg.trainable)
     if optim_cfg.frozen_dtype:
-        cast = lambda p: optim.cast_frozen(p, mask, optim_cfg.frozen_dtype)
-        abstract_params = jax.eval_shape(cast, abstract_params)
+        abstract_params = optim.frozen_storage(abstract_params, mask, optim_cfg.frozen_dtype)
+        axes = optim.storage_axes(axes, abstract_params)
     tx, schedule = optim.make_optimizer(optim_cfg, cfg.total_steps)
-    specs, table = sharding.param_specs(abstract_params, logical_axes(model_cfg), mesh, rules)
+    specs, table = sharding.param_specs(abstract_params, axes, mesh, rules)
     trainable_abstract, _ = optim.split_params(abstract_params, mask)
     trainable_specs, _ = optim.split_params(specs, mask)
     abstract_opt = jax.eval_shape(tx.init, trainable_abstract)
@@ -130,7 +132,8 @@ def _load_tables(
     _train_data(cfg, read=True)  # The hash of what is trained on, for checkpoint_meta.
     tables = {}
     for split, path in paths.items():
-        tables[split] = pipeline.tokenize(pipeline.read_jsonl(path), tokenizer, cfg.seq_len)
+        examples = prepare.split_examples(cfg, path, train=split == cfg.data.train_split)
+        tables[split] = pipeline.tokenize(examples, tokenizer, cfg.seq_len)
         if tables[split].dropped_objects:
             logging.warning(
                 "%s: %d objects did not fit seq_len=%d and were dropped",
@@ -191,7 +194,11 @@ def _start_state(
     shardings, mask, tx = plan.state_shardings, plan.mask, plan.tx
     init_key, _ = jax.random.split(jax.random.PRNGKey(cfg.seed))
     # Frozen weights arrive already in optim.frozen_dtype and split over the mesh.
-    params = experiment.initial_params(cfg, plan.model, init_key, plan.abstract_state.params)
+    target = dict(plan.abstract_state.params)
+    adapters = target.pop("lora", None)
+    params = experiment.initial_params(cfg, plan.model, init_key, target)
+    if adapters is not None:  # LoRA: A random, B = 0 (the run starts from the base model).
+        params["lora"] = optim.init_adapters(adapters, jax.random.fold_in(init_key, 1))
     init_opt = jax.jit(
         lambda p: tx.init(optim.split_params(p, mask)[0]), out_shardings=shardings.opt_state
     )

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from paligemma_seg.model import lora
 from paligemma_seg.train import optim
 from paligemma_seg.train.loss import SoftTargets, check_normalize, next_token_loss
 
@@ -42,9 +43,11 @@ def _forward_loss(
     rules: Sequence[Any],
     soft: SoftTargets | None = None,
     normalize: str = "token",
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}  # None: deterministic.
     with nn.logical_axis_rules(rules):
-        logits = model.apply({"params": params}, *(batch[k] for k in _MODEL_INPUTS))
+        logits = model.apply(lora.variables(params), *(batch[k] for k in _MODEL_INPUTS), rngs=rngs)
     return next_token_loss(logits, batch["text"], batch["mask_loss"], soft, normalize)
 
 
@@ -73,8 +76,8 @@ def make_train_step(
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
-    `trainable`: bool tree from `optim.trainable_mask`. `rng` is the run's base key; a step would
-    fold in its number (PaliGemma has no dropout, so it is unused but kept for stochastic layers).
+    `trainable`: bool tree from `optim.trainable_mask`. `rng` is the run's base key; the step
+    folds in its number (then the micro-batch's) to seed LoRA dropout, the only stochastic layer.
     `soft`: soft `<loc>`/`<seg>` targets for the training loss (`loss.from_config`); the
     loss metric is then that soft cross-entropy. `normalize`: 'token' or 'example'
     (`loss.normalize`), how the batch's cross-entropy is averaged (train/loss.py); the loss's
@@ -86,26 +89,31 @@ def make_train_step(
     check_normalize(normalize)
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
-        del rng  # jax.random.fold_in(rng, state.step) would seed dropout; PaliGemma has none.
+        # LoRA dropout (the only stochastic layer) draws from the step's key, per micro-batch.
+        step_rng = jax.random.fold_in(rng, state.step)
         train_params, frozen = optim.split_params(state.params, trainable)
 
-        def loss_sum(train_params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        def loss_sum(
+            train_params: Any, batch: Batch, micro: jax.Array
+        ) -> tuple[jax.Array, jax.Array]:
             params = optim.merge_params(train_params, frozen)
-            return _forward_loss(model, params, batch, rules, soft, normalize)
+            dropout_rng = jax.random.fold_in(step_rng, micro)
+            return _forward_loss(model, params, batch, rules, soft, normalize, dropout_rng)
 
         grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
         if grad_accum == 1:
-            (total, count), grads = grad_fn(train_params, batch)
+            (total, count), grads = grad_fn(train_params, batch, jnp.zeros((), jnp.int32))
         else:
 
-            def accumulate(carry: Any, micro: Batch) -> tuple[Any, None]:
-                (total, count), grads = grad_fn(train_params, micro)
+            def accumulate(carry: Any, micro: tuple[Batch, jax.Array]) -> tuple[Any, None]:
+                (total, count), grads = grad_fn(train_params, *micro)
                 return jax.tree_util.tree_map(jnp.add, carry, (total, count, grads)), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, train_params)
             init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            micro_index = jnp.arange(grad_accum, dtype=jnp.int32)
             (total, count, grads), _ = jax.lax.scan(
-                accumulate, init, _micro_batches(batch, grad_accum, rules)
+                accumulate, init, (_micro_batches(batch, grad_accum, rules), micro_index)
             )
         denominator = jnp.maximum(count, 1.0)  # tokens ('token') or examples ('example')
         grads = jax.tree_util.tree_map(lambda g: g / denominator, grads)

@@ -33,6 +33,11 @@ def _step_dir(path: epath.Path) -> epath.Path | None:
     return path / str(max(steps)) if steps else None
 
 
+def step_dir(path: str | os.PathLike) -> epath.Path | None:
+    """The step directory `path` names (itself, or its newest step), made absolute; or None."""
+    return _step_dir(absolute(path))
+
+
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     """True for a checkpoint directory of this project (a step directory or its parent)."""
     return _step_dir(absolute(path)) is not None

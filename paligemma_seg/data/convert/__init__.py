@@ -53,6 +53,7 @@ __all__ = [
 DEFAULT_CODEC = "checkpoints/vqvae_small.npz"
 DEFAULT_PREFIX = "segment water"
 CONVERTED_DIR = "converted_images"
+MASKS_DIR = "converted_masks"  # index masks of multi-class data (data.multiclass)
 ENCODE_BATCH = 128  # rows per VQ-VAE call, always (the VQ-VAE's largest compiled batch)
 
 
@@ -166,16 +167,43 @@ class _Encoder:
         codec, config = self.codec, self.config
         height, width = p.size
         locs = codec.box_to_locs(p.objects.boxes, height, width, config.loc_rounding)
+        labels = p.labels if p.labels is not None else [config.label] * len(locs)
         objects = [
-            codec.format_object(loc, c, config.label) for loc, c in zip(locs, codes, strict=True)
+            codec.format_object(loc, c, label)
+            for loc, c, label in zip(locs, codes, labels, strict=True)
         ]
         suffix, iou = codec.join_objects(objects), None
-        if self.decoder is not None:
+        if self.decoder is not None and p.pair.multiclass:
+            iou = self._class_ceilings(p, objects, labels)
+        elif self.decoder is not None:
             reference = np.unpackbits(p.reference_bits, count=height * width).reshape(p.size)
             empty = np.zeros(p.size, bool)
             decoded = self.decoder.decode(suffix, height, width).mask if p.num_objects else empty
             iou = codec.iou(decoded, reference.astype(bool))
         return p, suffix, iou
+
+    def _class_ceilings(self, p: Prepared, objects: list[str], labels: list[str]) -> float:
+        """Per-class ceiling IoUs into `p.class_counts`; returns their mean over the classes in
+        the ground truth (1.0 for an image with none). IGNORE pixels count for no class."""
+        from paligemma_seg.data.classes import IGNORE
+
+        height, width = p.size
+        scored = p.reference_index != IGNORE
+        values = []
+        for position, label in enumerate(p.pair.classes.labels, start=1):
+            truth = p.reference_index == position
+            own = [o for o, lab in zip(objects, labels, strict=True) if lab == label]
+            if not truth.any() and not own:
+                continue
+            suffix = self.codec.join_objects(own)
+            decoded = self.decoder.decode(suffix, height, width).mask & scored
+            iou = self.codec.iou(decoded, truth)
+            p.class_counts.setdefault(label, {"objects": 0, "dropped": 0})["ceiling_iou"] = round(
+                iou, 6
+            )
+            if truth.any():
+                values.append(iou)
+        return float(np.mean(values)) if values else 1.0
 
 
 # ----------------------------------------------------------------------------------------- outputs
@@ -186,8 +214,15 @@ def _miou(entries: list[dict]) -> float | None:
     return round(float(np.mean(values)), 6) if values else None
 
 
-def _report(entries: list[dict], split_names: list[str], listing: Listing, settings: dict) -> dict:
-    """report.json: ceiling mIoU, per split and overall counts, then one entry per image."""
+def _report(
+    entries: list[dict],
+    split_names: list[str],
+    listing: Listing,
+    settings: dict,
+    annotation_problems: list[dict] | None = None,
+) -> dict:
+    """report.json: ceiling mIoU, per split and overall counts, then one entry per image; for
+    multi-class data also per class, and every annotation left out with the reason."""
     kept = [e for e in entries if e["problem"] is None]
     splits = {}
     for split in split_names:
@@ -211,26 +246,51 @@ def _report(entries: list[dict], split_names: list[str], listing: Listing, setti
         "images_in_no_split": listing.unlisted,
     }
     problems = collections.Counter(e["problem"].split(":")[0] for e in entries if e["problem"])
-    return {
+    report = {
         "ceiling_miou": _miou(kept),
         "splits": splits,
         "counts": counts,
         "problems": dict(sorted(problems.items())),
-        "settings": settings,
-        "images": entries,
-        "ignored": listing.ignored,
     }
+    if any("classes" in e for e in entries):
+        report["classes"] = _class_summary(kept)
+        dropped = [a for e in entries for a in e.get("dropped_annotations", []) if "reason" in a]
+        dropped += annotation_problems or []
+        report["counts"]["dropped_annotations"] = len(dropped)
+        report["annotation_problems"] = dict(
+            sorted(collections.Counter(a["reason"].split(" (")[0] for a in dropped).items())
+        )
+        report["unmatched_annotations"] = annotation_problems or []
+    return report | {"settings": settings, "images": entries, "ignored": listing.ignored}
+
+
+def _class_summary(entries: list[dict]) -> dict[str, dict]:
+    """Per class over the written images: images holding it, objects, dropped, ceiling mIoU."""
+    summary: dict[str, dict] = {}
+    for entry in entries:
+        for label, counts in entry.get("classes", {}).items():
+            row = summary.setdefault(label, {"images": 0, "objects": 0, "dropped": 0, "ious": []})
+            row["images"] += counts.get("objects", 0) > 0
+            row["objects"] += counts.get("objects", 0)
+            row["dropped"] += counts.get("dropped", 0)
+            if counts.get("ceiling_iou") is not None:
+                row["ious"].append(counts["ceiling_iou"])
+    for row in summary.values():
+        ious = row.pop("ious")
+        row["ceiling_miou"] = round(float(np.mean(ious)), 6) if ious else None
+    return summary
 
 
 def _publish(staging: pathlib.Path, out: pathlib.Path, texts: dict[str, str]) -> None:
     """Writes `texts` into `staging`, then renames: converted images, JSONL files, report.json."""
     for name, text in texts.items():
         (staging / name).write_text(text)
-    converted = sorted((staging / CONVERTED_DIR).iterdir())
-    if converted:
-        (out / CONVERTED_DIR).mkdir(exist_ok=True)
-    for file in converted:
-        os.replace(file, out / CONVERTED_DIR / file.name)
+    for folder in (CONVERTED_DIR, MASKS_DIR):
+        converted = sorted((staging / folder).iterdir()) if (staging / folder).is_dir() else []
+        if converted:
+            (out / folder).mkdir(exist_ok=True)
+        for file in converted:
+            os.replace(file, out / folder / file.name)
     for name in sorted(texts, key=lambda n: n == "report.json"):
         os.replace(staging / name, out / name)
 
@@ -302,8 +362,82 @@ def convert(
     `codec` is None, else unknown: null); tokenizer_path: the tokenizer the data is meant for
     (default null). Both are only recorded in report.json, with their sha256.
     """
-    out_dir = pathlib.Path(out).resolve()
     listing = find_pairs(images, masks, splits)
+    sources = {
+        "images": str(pathlib.Path(images).resolve()),
+        "masks": str(pathlib.Path(masks).resolve()),
+    }
+    return _convert_listing(
+        listing, out, list(splits) if splits else ["all"], sources, prefix=prefix, codec=codec,
+        keep_suspicious=keep_suspicious, workers=workers, absolute_paths=absolute_paths,
+        ceiling=ceiling, progress=progress, vqvae_path=vqvae_path, tokenizer_path=tokenizer_path,
+    )  # fmt: skip
+
+
+def convert_classes(
+    images: PathLike,
+    masks: PathLike,
+    classes: Any,
+    out: PathLike,
+    splits: Mapping[str, PathLike] | None = None,
+    **options: Any,
+) -> dict:
+    """Class-id masks (`classes`: a `data.classes.ClassList`) -> JSONL + report, as `convert`.
+
+    Each line's prompt names every class (`segment water ; building`), its answer holds every
+    object labelled; `data.prompts` decides how training asks (see `data.tasks`).
+    """
+    from paligemma_seg.data import multiclass
+
+    listing = multiclass.find_class_pairs(images, masks, classes, splits)
+    sources = {
+        "images": str(pathlib.Path(images).resolve()),
+        "masks": str(pathlib.Path(masks).resolve()),
+        "classes": classes.to_dict(),
+    }
+    options.setdefault("prefix", f"segment {classes.prompt_labels}")
+    return _convert_listing(listing, out, list(splits) if splits else ["all"], sources, **options)
+
+
+def convert_coco(
+    annotations: Mapping[str, PathLike] | PathLike, images: PathLike, out: PathLike, **options: Any
+) -> dict:
+    """COCO instance JSON (one file, or split name -> file) + its images -> JSONL + report.
+
+    Categories become labels, each non-crowd annotation one object; see `data.coco`.
+    """
+    from paligemma_seg.data import multiclass
+
+    if not isinstance(annotations, Mapping):
+        annotations = {"all": annotations}
+    listing, classes, problems = multiclass.find_coco_pairs(annotations, images)
+    sources = {
+        "images": str(pathlib.Path(images).resolve()),
+        "coco": {s: os.path.abspath(p) for s, p in annotations.items()},
+        "classes": classes.to_dict(),
+    }
+    options.setdefault("prefix", f"segment {classes.prompt_labels}")
+    return _convert_listing(listing, out, list(annotations), sources, problems=problems, **options)
+
+
+def _convert_listing(
+    listing: Listing,
+    out: PathLike,
+    split_names: list[str],
+    sources: dict[str, Any],
+    *,
+    prefix: str = DEFAULT_PREFIX,
+    codec: Any = None,
+    keep_suspicious: bool = False,
+    workers: int | None = None,
+    absolute_paths: bool = False,
+    ceiling: bool = True,
+    progress: bool = True,
+    vqvae_path: PathLike | None = None,
+    tokenizer_path: PathLike | None = None,
+    problems: list[dict] | None = None,
+) -> dict:
+    out_dir = pathlib.Path(out).resolve()
     if codec is None:
         vqvae_path = vqvae_path or find_codec_file()
     mask_codec = codec if codec is not None else load_codec(vqvae_path)
@@ -336,17 +470,15 @@ def convert(
                     lines[p.pair.split].append(
                         _jsonl_line(p, prefix, suffix, out_dir, absolute_paths)
                     )
-        split_names = list(splits) if splits else ["all"]
         settings = {
-            "images": str(pathlib.Path(images).resolve()),
-            "masks": str(pathlib.Path(masks).resolve()),
+            **sources,
             "prefix": prefix,
             "codec": dataclasses.asdict(mask_codec.config),
             "keep_suspicious": keep_suspicious,
             "absolute_paths": absolute_paths,
             **files,
         }
-        report = _report(entries, split_names, listing, settings)
+        report = _report(entries, split_names, listing, settings, problems)
         texts = {f"{s}.jsonl": "".join(lines[s]) for s in split_names}
         texts["report.json"] = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
         _publish(staging, out_dir, texts)
@@ -361,10 +493,12 @@ def _jsonl_line(
     def where(path: str) -> str:
         return path if absolute else os.path.relpath(path, out_dir)
 
-    row = {
-        "image": where(p.image_path),
-        "prefix": prefix,
-        "suffix": suffix,
-        "mask": where(p.pair.mask),
-    }
+    row = {"image": where(p.image_path), "prefix": prefix, "suffix": suffix}
+    if p.pair.multiclass:  # the index mask evaluation reads, and the classes its values name
+        row["mask"] = where(p.index_path)
+        row["classes"] = list(p.pair.classes.labels)
+        if p.pair.coco is not None:
+            row["coco_image_id"] = p.pair.coco.id
+    else:
+        row["mask"] = where(p.pair.mask)
     return json.dumps(row, ensure_ascii=False) + "\n"

@@ -1,4 +1,5 @@
-"""`python -m paligemma_seg.data.convert --images DIR --masks DIR --out DIR [--split N=LIST ...]`.
+"""`python -m paligemma_seg.data.convert --images DIR --masks DIR --out DIR [--split N=LIST ...]`,
+with `--classes "1=water,2=building"` for class-id masks, or `--coco [SPLIT=]FILE --images DIR`.
 
 The command line of `data.convert.convert` (see its module docstring for what it writes).
 """
@@ -21,11 +22,32 @@ def _split_arg(text: str) -> tuple[str, str]:
     return name, list_file
 
 
+def _coco_arg(text: str) -> tuple[str, str]:
+    """`[SPLIT=]FILE` -> (split, file); split 'all' when none is named."""
+    name, sep, path = text.partition("=")
+    if sep and name.replace("_", "").replace("-", "").isalnum() and not name.endswith(".json"):
+        return name, path
+    return "all", text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Convert images/ + masks/ into PaliGemma JSONL.")
     add = parser.add_argument
-    add("--images", required=True, help="folder of images")
-    add("--masks", required=True, help="folder of masks (same file names or stems)")
+    add("--images", help="folder of images")
+    add("--masks", help="folder of masks (same file names or stems): binary, or class ids")
+    add(
+        "--classes",
+        help="class-id masks: VALUE=LABEL pairs ('1=water,2=building') or a classes.json file; "
+        "without it masks are binary (--label)",
+    )
+    add(
+        "--coco",
+        action="append",
+        default=[],
+        metavar="[SPLIT=]ANNOTATIONS.json",
+        help="COCO instance JSON instead of --masks (repeatable, one per split; default split "
+        "'all'); categories become labels",
+    )
     add("--out", required=True, help="output folder for NAME.jsonl and report.json")
     add(
         "--split",
@@ -35,7 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=LIST_FILE",
         help="a split and the file listing its image names (repeatable; default: all.jsonl)",
     )
-    add("--prefix", default=convert_lib.DEFAULT_PREFIX, help="the prompt of every example")
+    add(
+        "--prefix",
+        help=f"the prompt of every example (default: {convert_lib.DEFAULT_PREFIX!r}; with "
+        "classes 'segment A ; B ; ...')",
+    )
     add("--label", default="water", help="the label written after each object's tokens")
     add("--codec", default=convert_lib.DEFAULT_CODEC, help="VQ-VAE npz in vae-oid format")
     add(
@@ -63,15 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("threshold", "max_objects"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
+    if not args.images:
+        parser.error("give --images DIR (the folder of the images)")
+    if not args.coco and not args.masks:
+        parser.error("give --masks DIR (binary or, with --classes, class-id masks) or --coco FILE")
+    if args.coco and (args.masks or args.classes or splits):
+        parser.error("--coco takes its splits from its files: drop --masks, --classes, --split")
     pairs.start_workers_early()  # its imports overlap load_codec's
     try:
         codec_file = convert_lib.find_codec_file(args.codec)
-        report = convert_lib.convert(
-            args.images,
-            args.masks,
-            args.out,
-            splits or None,
-            prefix=args.prefix,
+        options = dict(
             codec=convert_lib.load_codec(codec_file, **overrides),
             vqvae_path=codec_file,
             tokenizer_path=args.tokenizer,
@@ -81,6 +108,24 @@ def main(argv: list[str] | None = None) -> int:
             ceiling=not args.no_ceiling,
             progress=sys.stderr.isatty(),
         )
+        if args.prefix is not None:
+            options["prefix"] = args.prefix
+        if args.coco:
+            files = dict(_coco_arg(text) for text in args.coco)
+            if len(files) != len(args.coco):
+                parser.error("give each --coco SPLIT once")
+            report = convert_lib.convert_coco(files, args.images, args.out, **options)
+        elif args.classes:
+            from paligemma_seg.data import classes as classes_lib
+
+            classes = classes_lib.parse_classes(args.classes)
+            report = convert_lib.convert_classes(
+                args.images, args.masks, classes, args.out, splits or None, **options
+            )
+        else:
+            report = convert_lib.convert(
+                args.images, args.masks, args.out, splits or None, **options
+            )
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -93,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  {info['file']}: {info['examples']} examples ({info['empty_masks']} empty), "
             f"ceiling mIoU {info['ceiling_miou']}"
+        )
+    for label, info in report.get("classes", {}).items():
+        print(
+            f"  class {label}: {info['objects']} objects in {info['images']} images "
+            f"({info['dropped']} dropped), ceiling mIoU {info['ceiling_miou']}"
+        )
+    if report.get("annotation_problems"):
+        print(
+            f"  left out {report['counts']['dropped_annotations']} annotations: "
+            f"{report['annotation_problems']} (each is listed in report.json)"
         )
     return 0 if counts["written"] else 1
 

@@ -11,7 +11,9 @@ mask because it is still visible; water under thick clouds does not. Tile i depe
 
 writes `images/synth_00000.jpg` (RGB JPEG), `masks/synth_00000.png` (grey 0/255, exact) and
 `train_images.txt`/`test_images.txt` (every 10th tile is a test tile), the water data set's layout,
-and `synthetic.json` (num_images, size, seed) last, once the set is complete.
+and `synthetic.json` (num_images, size, seed) last, once the set is complete. With
+`--classes water,building` half of the tiles also hold a built-up district and the masks are class
+ids (1 = water, 2 = building): convert them with `--classes 1=water,2=building`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -245,10 +248,61 @@ def compose(layers: TileLayers) -> np.ndarray:
     return (np.clip(pixels, 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
-def render_tile(seed: int, index: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8[H, W, 3] image, bool[H, W] mask) of tile `index`; the same for the same arguments."""
+CLASSES = ("water", "building")  # what tiles can hold; class ids 1, 2 in class-id masks
+BUILT_UP_RATE = 0.5  # share of tiles with a built-up district when "building" is asked for
+ROOF_COLOURS = np.array(
+    [[0.62, 0.60, 0.58], [0.55, 0.32, 0.26], [0.78, 0.77, 0.74], [0.40, 0.40, 0.42]], np.float32
+)
+
+
+def _built_up(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bool[H, W] district, float32[H, W, 3] its colours): blocks of roofs on a street grid
+    inside a blob with a ragged, blocky edge."""
+    u, v = _rotated(size, rng.uniform(0, np.pi / 2), tuple(rng.uniform(0.25, 0.75, 2)))
+    radius = rng.uniform(0.15, 0.4)
+    block = rng.uniform(0.05, 0.1)
+    cu, cv = np.floor(u / block), np.floor(v / block)  # the district is made of whole blocks
+    jitter = np.random.default_rng(rng.integers(1 << 31)).uniform(-0.25, 0.25, (64, 64))
+    ragged = jitter[cu.astype(np.int64) % 64, cv.astype(np.int64) % 64]
+    district = np.hypot((cu + 0.5) * block, (cv + 0.5) * block) / radius + ragged < 1
+    street = (np.abs(u / block - np.round(u / block)) < 0.12) | (
+        np.abs(v / block - np.round(v / block)) < 0.12
+    )
+    table = ROOF_COLOURS[rng.integers(0, len(ROOF_COLOURS), (64, 64))]
+    table = table * rng.uniform(0.85, 1.15, (64, 64, 1))
+    colour = table[cu.astype(np.int64) % 64, cv.astype(np.int64) % 64]
+    colour = np.where(street[..., None], np.float32([0.35, 0.35, 0.36]), colour)
+    return district, colour.astype(np.float32)
+
+
+def check_classes(classes: tuple[str, ...]) -> None:
+    """ValueError unless `classes` is 'water' plus any of CLASSES."""
+    unknown = [c for c in classes if c not in CLASSES]
+    if unknown or "water" not in classes:
+        raise ValueError(f"synthetic classes must be 'water' plus any of {CLASSES}, got {classes}")
+
+
+def render_tile(
+    seed: int, index: int, size: int, classes: tuple[str, ...] = ("water",)
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8[H, W, 3] image, mask) of tile `index`; the same for the same arguments.
+
+    The mask is bool[H, W] water for classes ("water",), else uint8[H, W] class ids (1 = water,
+    2 = building, 0 = neither). Buildings come from their own random stream, so a tile's water
+    and land are the same whichever classes are asked for."""
+    check_classes(classes)
     layers = draw_layers(np.random.default_rng([seed, index, size]), size)
-    return compose(layers), layers.mask
+    if classes == ("water",):
+        return compose(layers), layers.mask
+    built = np.zeros((size, size), bool)
+    extra = np.random.default_rng([seed, index, size, 1])
+    if "building" in classes and extra.random() < BUILT_UP_RATE:
+        district, colour = _built_up(extra, size)
+        built = district & ~layers.water
+        layers = dataclasses.replace(layers, land=np.where(built[..., None], colour, layers.land))
+    visible = layers.cloud <= CLOUD_MASK_OPACITY
+    ids = np.where(layers.mask, 1, np.where(built & visible, 2, 0)).astype(np.uint8)
+    return compose(layers), ids
 
 
 def tile_name(index: int) -> str:
@@ -258,19 +312,25 @@ def tile_name(index: int) -> str:
 MANIFEST = "synthetic.json"  # written last: its presence means the set is complete
 
 
-def _write_tile(task: tuple[str, int, int, int]) -> str:
+def _write_tile(task: tuple) -> str:
     """Renders and writes tile `index` into `out` (a worker's job); returns its image name."""
-    out, seed, index, size = task
-    image, mask = render_tile(seed, index, size)
+    out, seed, index, size, classes = task
+    image, mask = render_tile(seed, index, size, classes)
     name = tile_name(index)
     Image.fromarray(image).save(os.path.join(out, "images", f"{name}.jpg"), quality=92)
-    Image.fromarray(mask.astype(np.uint8) * 255).save(os.path.join(out, "masks", f"{name}.png"))
+    grey = mask.astype(np.uint8) * 255 if mask.dtype == bool else mask  # water 255, or class ids
+    Image.fromarray(grey).save(os.path.join(out, "masks", f"{name}.png"))
     return f"{name}.jpg"
 
 
-def manifest(num_images: int, size: int, seed: int) -> dict[str, int]:
+def manifest(
+    num_images: int, size: int, seed: int, classes: tuple[str, ...] = ("water",)
+) -> dict[str, Any]:
     """What `generate` writes to MANIFEST; equal manifests mean identical tile sets."""
-    return {"num_images": int(num_images), "size": int(size), "seed": int(seed)}
+    made: dict[str, Any] = {"num_images": int(num_images), "size": int(size), "seed": int(seed)}
+    if tuple(classes) != ("water",):
+        made["classes"] = list(classes)
+    return made
 
 
 def read_manifest(out_dir: str | pathlib.Path) -> dict[str, int] | None:
@@ -287,6 +347,7 @@ def generate(
     size: int = 128,
     seed: int = 0,
     workers: int | None = None,
+    classes: tuple[str, ...] = ("water",),
 ) -> list[str]:
     """Writes `num_images` tiles into `out_dir` (layout: module docstring); returns image names.
 
@@ -307,7 +368,9 @@ def generate(
     try:
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
-        tasks = [(str(tmp), seed, index, size) for index in range(num_images)]
+        classes = tuple(classes)
+        check_classes(classes)  # bad classes fail here, not in a worker
+        tasks = [(str(tmp), seed, index, size, classes) for index in range(num_images)]
         workers = min(workers or min(os.cpu_count() or 1, num_images // 64 or 1), num_images)
         progress = dict(total=num_images, desc="generating tiles", unit="tile", leave=False)
         if workers == 1:
@@ -319,7 +382,7 @@ def generate(
         train = [n for i, n in enumerate(names) if i % TEST_EVERY != TEST_EVERY - 1]
         (tmp / "train_images.txt").write_text("".join(f"{n}\n" for n in train))
         (tmp / "test_images.txt").write_text("".join(f"{n}\n" for n in test))
-        (tmp / MANIFEST).write_text(json.dumps(manifest(num_images, size, seed)) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest(num_images, size, seed, classes)) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

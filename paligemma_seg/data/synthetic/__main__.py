@@ -14,8 +14,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=128, help="tile side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, help="worker processes (default: CPU cores)")
+    parser.add_argument(
+        "--classes", default="water", help="'water' or 'water,building' (class-id masks)"
+    )
     args = parser.parse_args(argv)
-    names = generate(args.out, args.num, args.size, args.seed, args.workers)
+    classes = tuple(c.strip() for c in args.classes.split(","))
+    names = generate(args.out, args.num, args.size, args.seed, args.workers, classes)
     print(f"wrote {len(names)} tiles of {args.size}px to {args.out}")
 
 
