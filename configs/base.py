@@ -141,6 +141,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss.normalize = "token"
     c.loss.loc_sigma = 0.0  # > 0: Gaussian soft targets over <loc> bins, this wide (in bins).
     c.loss.seg_temperature = 0.0  # > 0: soft <seg> targets by codebook distance (see module).
+    # > 1: the loss takes its logits this many vocabulary slices at a time (a streaming
+    # logsumexp) and never holds float32[B, T, V]: ~2 GiB less at 257k tokens, batch 8 x 128.
+    # For a frozen embedding (LoRA, attention-only); with a trained one it costs memory and time
+    # (scripts/bench_vocab_chunks.py --train-table).
+    c.loss.vocab_chunks = 1
 
     # --- Device mesh (paligemma_seg.sharding) ---
     c.mesh = ml_collections.ConfigDict()

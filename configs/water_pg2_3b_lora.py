@@ -36,4 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.name = "adamw"  # LoRA's usual optimizer; its state covers the adapters only.
     c.optim.lr = 2e-4
     c.optim.weight_decay = 0.0
+    # The loss's logits 16 vocabulary slices at a time: no float32[B, 128, 257152] logits or
+    # their gradient (train/loss.py; the same loss).
+    c.loss.vocab_chunks = 16
     return c

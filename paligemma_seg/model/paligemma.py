@@ -146,9 +146,21 @@ class PaliGemma(nn.Module):
         Returns:
           float32[B, T, V]: logits at every text position (padding positions are meaningless).
         """
+        return self.llm.logits(self.text_hidden(image, text, mask_ar, mask_input))
+
+    def text_hidden(
+        self,
+        image: jax.Array,
+        text: jax.Array,
+        mask_ar: jax.Array,
+        mask_input: jax.Array | None = None,
+    ) -> jax.Array:
+        """`dtype`[B, T, D]: the final-normed hidden states at the text positions, from which
+        `__call__` takes its logits (the training loss can take them vocabulary chunk by chunk:
+        train/loss.py, `loss.vocab_chunks`). Arguments as `__call__`."""
         x, full_ar, full_input = self._embed_sequence(image, text, mask_ar, mask_input)
         hidden, _ = self.llm(x, self._prompt_inputs(full_ar, full_input))
-        return self.llm.logits(hidden[:, -text.shape[1] :])
+        return hidden[:, -text.shape[1] :]
 
     def prefill(
         self,

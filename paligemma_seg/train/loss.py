@@ -110,13 +110,23 @@ def build(
 
 
 def _group_term(
-    logits: jax.Array, targets: jax.Array, ids: jax.Array, rows: jax.Array, index: jax.Array
+    group_logits: jax.Array, targets: jax.Array, rows: jax.Array, index: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
-    """(sum_j q_j logit_j over the group float32[B, T], target-in-group bool[B, T])."""
+    """(sum_j q_j logit_j over the group float32[B, T], target-in-group bool[B, T]) from the
+    group's logits float32[B, T, G]."""
     member = jnp.take(index, targets)
     q = jnp.take(rows, jnp.maximum(member, 0), axis=0)  # [B, T, G]
-    group_logits = jnp.take(logits, ids, axis=-1)  # [B, T, G]
     return jnp.sum(q * group_logits, axis=-1), member >= 0
+
+
+def _expected_logit(
+    hard: jax.Array, targets: jax.Array, soft: SoftTargets, group_logits: Any
+) -> jax.Array:
+    """sum_j q_j logit_j: the soft groups' expectation where the target is in one, else `hard`.
+    `group_logits(ids)` gives float32[B, T, G] logits of the vocabulary ids `ids`."""
+    loc, is_loc = _group_term(group_logits(soft.loc_ids), targets, soft.loc_rows, soft.loc_index)
+    seg, is_seg = _group_term(group_logits(soft.seg_ids), targets, soft.seg_rows, soft.seg_index)
+    return jnp.where(is_loc, loc, jnp.where(is_seg, seg, hard))
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array, soft: SoftTargets) -> jax.Array:
@@ -127,10 +137,87 @@ def soft_cross_entropy(logits: jax.Array, targets: jax.Array, soft: SoftTargets)
     logits = logits.astype(jnp.float32)
     normaliser = jax.nn.logsumexp(logits, axis=-1)
     hard = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    loc, is_loc = _group_term(logits, targets, soft.loc_ids, soft.loc_rows, soft.loc_index)
-    seg, is_seg = _group_term(logits, targets, soft.seg_ids, soft.seg_rows, soft.seg_index)
-    expected = jnp.where(is_loc, loc, jnp.where(is_seg, seg, hard))
+    expected = _expected_logit(hard, targets, soft, lambda ids: jnp.take(logits, ids, axis=-1))
     return normaliser - expected
+
+
+# --- The same cross-entropy from hidden states, vocabulary chunk by chunk (loss.vocab_chunks) ---
+#
+# logits = softcap(hidden . table^T) in float32 is [B, T, V]: at Gemma's 257,152 tokens, batch 8 x
+# 128 text tokens, 1 GiB, and as much again for its gradient. The chunked form never builds it:
+# a scan over `chunks` slices of the table keeps a running max and sum of exp (a streaming
+# logsumexp), each slice rematerialised in the backward pass; the target's logit and the soft
+# groups' logits come from their own table rows. Same maths as `Embedder.decode` + the losses
+# above, summed in a different order (float32 rounding apart, equal).
+
+
+def vocab_chunks(vocab_size: int, requested: int) -> int:
+    """The number of equal slices the vocabulary is cut into: the smallest divisor of
+    `vocab_size` that is >= `requested` (1 or less: no chunking). 257,152 = 2^7 * 7^2 * 41, so
+    e.g. 16 stays 16 (16,072 rows each)."""
+    if requested <= 1:
+        return 1
+    return next(n for n in range(requested, vocab_size + 1) if vocab_size % n == 0)
+
+
+def _capped_logits(hidden: jax.Array, rows: jax.Array, cap: float | None) -> jax.Array:
+    """float32[B, T, N] softcap(hidden . rows^T) for table rows [N, D], as `Embedder.decode`."""
+    logits = jnp.einsum(
+        "BTD,ND->BTN", hidden, rows.astype(hidden.dtype), preferred_element_type=jnp.float32
+    )
+    return jnp.tanh(logits / cap) * cap if cap else logits
+
+
+def streamed_logsumexp(
+    hidden: jax.Array, table: jax.Array, cap: float | None, chunks: int
+) -> jax.Array:
+    """float32[B, T] logsumexp over the vocabulary of softcap(hidden . table^T), `chunks` slices
+    of `table` [V, D] at a time (`chunks` must divide V; see `vocab_chunks`)."""
+    vocab = table.shape[0]
+    if vocab % chunks:
+        raise ValueError(f"loss.vocab_chunks={chunks} does not divide the vocabulary ({vocab})")
+    size = vocab // chunks
+
+    def running(carry: tuple[jax.Array, jax.Array], index: jax.Array) -> tuple[Any, None]:
+        top, total = carry
+        rows = jax.lax.dynamic_slice_in_dim(table, index * size, size, axis=0)
+        logits = _capped_logits(hidden, rows, cap)
+        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))
+        total = total * jnp.exp(top - new_top) + jnp.sum(jnp.exp(logits - new_top[..., None]), -1)
+        return (new_top, total), None
+
+    first = _capped_logits(hidden, table[:size], cap)
+    top = jnp.max(first, axis=-1)
+    total = jnp.sum(jnp.exp(first - top[..., None]), axis=-1)
+    if chunks > 1:
+        (top, total), _ = jax.lax.scan(
+            jax.checkpoint(running), (top, total), jnp.arange(1, chunks, dtype=jnp.int32)
+        )
+    return top + jnp.log(total)
+
+
+def hidden_cross_entropy(
+    hidden: jax.Array,
+    table: jax.Array,
+    targets: jax.Array,
+    cap: float | None,
+    chunks: int,
+    soft: SoftTargets | None = None,
+) -> jax.Array:
+    """float32[B, T] cross-entropy of the logits softcap(hidden . table^T) against `targets`
+    int32[B, T] (soft `<loc>`/`<seg>` targets with `soft`), without a [B, T, V] array.
+
+    hidden `dtype`[B, T, D] final-normed (`PaliGemma.text_hidden`); table [V, D] the tied
+    embedding (cast to hidden's dtype, as the model does); cap the final logit soft-cap.
+    """
+    normaliser = streamed_logsumexp(hidden, table, cap, chunks)
+    rows = jnp.take(table, targets, axis=0).astype(hidden.dtype)  # [B, T, D]
+    hard = jnp.einsum("BTD,BTD->BT", hidden, rows, preferred_element_type=jnp.float32)
+    hard = jnp.tanh(hard / cap) * cap if cap else hard
+    if soft is None:
+        return normaliser - hard
+    group = lambda ids: _capped_logits(hidden, jnp.take(table, ids, axis=0), cap)
+    return normaliser - _expected_logit(hard, targets, soft, group)
 
 
 def check_normalize(normalize: str) -> str:
@@ -164,6 +251,31 @@ def next_token_loss(
         )
     else:
         per_token = soft_cross_entropy(logits[:, :-1], text[:, 1:], soft)
+    return reduce_loss(per_token, mask_loss, normalize)
+
+
+def next_token_loss_from_hidden(
+    hidden: jax.Array,
+    table: jax.Array,
+    cap: float | None,
+    chunks: int,
+    text: jax.Array,
+    mask_loss: jax.Array,
+    soft: SoftTargets | None = None,
+    normalize: str = "token",
+) -> tuple[jax.Array, jax.Array]:
+    """`next_token_loss` of the logits softcap(hidden . table^T), the vocabulary taken `chunks`
+    slices at a time (`hidden_cross_entropy`): the same value, no [B, T, V] logits."""
+    check_normalize(normalize)
+    per_token = hidden_cross_entropy(hidden[:, :-1], table, text[:, 1:], cap, chunks, soft)
+    return reduce_loss(per_token, mask_loss, normalize)
+
+
+def reduce_loss(
+    per_token: jax.Array, mask_loss: jax.Array, normalize: str
+) -> tuple[jax.Array, jax.Array]:
+    """(numerator, denominator) of float32[B, T - 1] per-target cross-entropies weighted by
+    `mask_loss[:, 1:]`, averaged as `normalize` says (see `next_token_loss`)."""
     weights = mask_loss[:, 1:].astype(jnp.float32)
     if normalize == "token":
         return jnp.sum(per_token * weights), jnp.sum(weights)

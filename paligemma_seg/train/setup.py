@@ -90,7 +90,7 @@ def make_plan(cfg: ml_collections.ConfigDict, mesh: Any) -> Plan:
     batch_shardings = {k: sharding.batch_sharding(mesh) for k in pipeline.BATCH_KEYS}
     step_fn = make_train_step(
         model, tx, schedule, mask, grad_accum=optim_cfg.grad_accum, rules=rules,
-        soft=loss.from_config(cfg), normalize=cfg.loss.normalize,
+        soft=loss.from_config(cfg), normalize=cfg.loss.normalize, chunks=cfg.loss.vocab_chunks,
     )  # fmt: skip
     train_step = jax.jit(
         step_fn,
@@ -99,7 +99,8 @@ def make_plan(cfg: ml_collections.ConfigDict, mesh: Any) -> Plan:
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(model, rules, normalize="token"),  # validation: per-token mean, always
+        # Validation: a per-token mean, always.
+        make_eval_step(model, rules, normalize="token", chunks=cfg.loss.vocab_chunks),
         in_shardings=(state_shardings.params, batch_shardings),
         out_shardings=replicated,
     )

@@ -19,7 +19,13 @@ import optax
 
 from paligemma_seg.model import lora
 from paligemma_seg.train import optim
-from paligemma_seg.train.loss import SoftTargets, check_normalize, next_token_loss
+from paligemma_seg.train.loss import (
+    SoftTargets,
+    check_normalize,
+    next_token_loss,
+    next_token_loss_from_hidden,
+    vocab_chunks,
+)
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -44,11 +50,23 @@ def _forward_loss(
     soft: SoftTargets | None = None,
     normalize: str = "token",
     dropout_rng: jax.Array | None = None,
+    chunks: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
+    """(numerator, denominator) of the batch's loss; `chunks` > 1: the logits are taken that many
+    vocabulary slices at a time from the text hidden states (train/loss.py)."""
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}  # None: deterministic.
+    variables = lora.variables(params)
+    inputs = [batch[k] for k in _MODEL_INPUTS]
     with nn.logical_axis_rules(rules):
-        logits = model.apply(lora.variables(params), *(batch[k] for k in _MODEL_INPUTS), rngs=rngs)
-    return next_token_loss(logits, batch["text"], batch["mask_loss"], soft, normalize)
+        if chunks <= 1:
+            logits = model.apply(variables, *inputs, rngs=rngs)
+            return next_token_loss(logits, batch["text"], batch["mask_loss"], soft, normalize)
+        hidden = model.apply(variables, *inputs, rngs=rngs, method="text_hidden")
+    table = variables["params"]["llm"]["embedder"]["input_embedding"]
+    cap = model.config.llm.final_logits_softcap
+    return next_token_loss_from_hidden(
+        hidden, table, cap, chunks, batch["text"], batch["mask_loss"], soft, normalize
+    )
 
 
 def _micro_batches(batch: Batch, count: int, rules: Sequence[Any]) -> Batch:
@@ -73,6 +91,7 @@ def make_train_step(
     rules: Sequence[Any] = (),
     soft: SoftTargets | None = None,
     normalize: str = "token",
+    chunks: int = 1,
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Returns the pure `train_step(state, batch, rng) -> (state, metrics)`.
 
@@ -84,9 +103,12 @@ def make_train_step(
     numerator and denominator are summed over the `grad_accum` micro-batches and divided once, so
     accumulation gives the same loss and gradients as one batch. Metrics (float32 scalars): loss,
     lr, grad_norm (before clipping), param_norm and update_norm (of the trainable parameters),
-    supervised_tokens.
+    supervised_tokens. `chunks` (`loss.vocab_chunks`): the loss's logits are taken that many
+    vocabulary slices at a time, never all [B, T, V] at once (train/loss.py).
     """
     check_normalize(normalize)
+    if chunks > 1:
+        chunks = vocab_chunks(model.config.llm.vocab_size, chunks)
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         # LoRA dropout (the only stochastic layer) draws from the step's key, per micro-batch.
@@ -98,7 +120,7 @@ def make_train_step(
         ) -> tuple[jax.Array, jax.Array]:
             params = optim.merge_params(train_params, frozen)
             dropout_rng = jax.random.fold_in(step_rng, micro)
-            return _forward_loss(model, params, batch, rules, soft, normalize, dropout_rng)
+            return _forward_loss(model, params, batch, rules, soft, normalize, dropout_rng, chunks)
 
         grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
         if grad_accum == 1:
@@ -136,15 +158,17 @@ def make_train_step(
 
 
 def make_eval_step(
-    model: nn.Module, rules: Sequence[Any] = (), normalize: str = "token"
+    model: nn.Module, rules: Sequence[Any] = (), normalize: str = "token", chunks: int = 1
 ) -> Callable[[Any, Batch], tuple[jax.Array, jax.Array]]:
     """Returns `eval_step(params, batch) -> (numerator, denominator)` of the plain cross-entropy:
     (summed cross-entropy, supervised tokens) with 'token' (the validation loss: the caller sums
     both over batches and divides), (sum of per-example means, rows) with 'example' (rows that
     pad a last batch would count as examples there)."""
     check_normalize(normalize)
+    if chunks > 1:
+        chunks = vocab_chunks(model.config.llm.vocab_size, chunks)
 
     def eval_step(params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        return _forward_loss(model, params, batch, rules, normalize=normalize)
+        return _forward_loss(model, params, batch, rules, normalize=normalize, chunks=chunks)
 
     return eval_step
