@@ -1,7 +1,8 @@
 """`python -m paligemma_seg.evaluate [--config CFG] --workdir DIR [--checkpoint P] [--split test]`.
 
 Scores a split with `infer.evaluation.run_evaluation` (eval.json, eval_examples.jsonl, the contact
-sheet in the workdir) and prints the headline numbers as one JSON line. Weights: --checkpoint,
+sheet in the workdir) and prints the headline numbers as one JSON line (mIoU, mIoU over non-empty
+ground truths, cIoU, mask AP, box AP@0.5, valid rate, ceiling, image count). Weights: --checkpoint,
 else WORKDIR/checkpoints (newest), else WORKDIR/params.npz, else the config's `init`; --checkpoint
 may be a workdir too. Without --config, WORKDIR/config.json (written by training). The weights
 file used is logged.
@@ -57,7 +58,8 @@ def main(argv: Sequence[str]) -> int:
         logging.error("%s", error)
         return 1
     if jax.process_index() == 0:
-        keys = ("miou", "ciou", "valid_rate", "ceiling_miou", "num_images")
+        keys = ("miou", "miou_nonempty", "ciou", "mask_ap", "box_ap50", "valid_rate")
+        keys += ("ceiling_miou", "num_images")
         print(json.dumps({key: result[key] for key in keys}))
     return 0
 

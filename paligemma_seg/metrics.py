@@ -9,12 +9,16 @@ Conventions (shared by training-time eval, the evaluate CLI and the tests):
 - Precision with no predicted pixels (or recall with no ground-truth pixels) is 1 when the other
   mask is empty too, 0 otherwise.
 
+Instance AP (`InstanceAP`) is pycocotools' COCOeval on masks and boxes held in memory.
+
 This module imports nothing from JAX and does no I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -209,3 +213,153 @@ class ClassIoU:
             "miou_classes": float(np.mean(list(per_class.values()))) if per_class else 0.0,
             "absent_classes": [label for label in self.labels if label not in per_class],
         }
+
+
+AP_NAMES = ("mask_ap", "mask_ap50", "mask_ap75", "box_ap", "box_ap50", "box_ap75")
+
+
+def _rle(mask: np.ndarray) -> dict:
+    """pycocotools' compressed RLE of a bool[H, W] mask."""
+    from pycocotools import mask as mask_utils
+
+    return mask_utils.encode(np.asfortranarray(np.asarray(mask, np.uint8)))
+
+
+def _xywh(box: tuple[float, ...]) -> list[float]:
+    """(y1, x1, y2, x2) with exclusive ends -> COCO's [x, y, width, height]."""
+    y1, x1, y2, x2 = (float(v) for v in box)
+    return [x1, y1, x2 - x1, y2 - y1]
+
+
+def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight (y1, x1, y2, x2) box of a non-empty mask (exclusive ends)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def _average_precision(evaluator: Any, iou: float | None) -> float:
+    """COCO's AP (area 'all', 100 detections) from an accumulated COCOeval: the mean over IoU
+    thresholds (or at `iou`), 101 recall points and categories with ground truth; -1 if none."""
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]  # [T, R, K]
+    if iou is not None:
+        precision = precision[np.isclose(evaluator.params.iouThrs, iou)]
+    valid = precision[precision > -1]
+    return float(np.mean(valid)) if valid.size else -1.0
+
+
+@dataclasses.dataclass
+class InstanceAP:
+    """Matched-instance mask AP and box AP over a dataset, by pycocotools' COCOeval.
+
+    `add` collects one image's ground-truth instances and predicted objects (categories are the
+    labels, numbered as first seen); `result` runs COCOeval ('segm' on the masks, 'bbox' on the
+    boxes) and gives AP over IoU 0.5:0.05:0.95 and at 0.5 and 0.75 (`AP_NAMES`), -1.0 where no
+    image has a ground-truth instance (COCO's convention). Crowd regions are ignored as COCO does.
+
+    Scores: our decoder is greedy and gives no confidence, so every object scores 1.0 unless
+    `scores` are passed. COCOeval's sorts are stable, so ties rank objects in the order images
+    were added and, within an image, in output order: with constant scores AP summarises the one
+    operating point the decoder has (precision P, recall R) along that arbitrary ranking, not a
+    ranking quality; the interpolated precision is >= P up to recall R, so about P * R <= AP <= R.
+    """
+
+    labels: list[str] = dataclasses.field(default_factory=list)
+    images: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    truths: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    detections: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def _category(self, label: str) -> int:
+        if label not in self.labels:
+            self.labels.append(label)
+        return self.labels.index(label) + 1
+
+    def add(
+        self,
+        gt_masks: Sequence[np.ndarray],
+        gt_labels: Sequence[str],
+        pred_masks: Sequence[np.ndarray],
+        pred_labels: Sequence[str],
+        pred_boxes: Sequence[tuple[float, ...]] | None = None,
+        gt_crowd: Sequence[bool] | None = None,
+        scores: Sequence[float] | None = None,
+        shape: tuple[int, int] | None = None,
+    ) -> None:
+        """Adds one image.
+
+        Args:
+          gt_masks, gt_labels: its ground-truth instances, bool[H, W] each, and their labels.
+          pred_masks, pred_labels: its predicted objects (`Prediction.object_masks`, `.labels`).
+          pred_boxes: their (y1, x1, y2, x2) pixel boxes (`Prediction.boxes`); default: the
+            masks' tight boxes. Ground-truth boxes are always their masks' tight boxes.
+          gt_crowd: which ground-truth instances are crowd regions (ignored); default none.
+          scores: a confidence per predicted object; default 1.0 each (see the class docstring).
+          shape: (H, W) of the image, needed only when it has neither instances nor objects.
+        """
+        masks = [np.asarray(m, bool) for m in (*gt_masks, *pred_masks)]
+        height, width = masks[0].shape if masks else shape or (1, 1)
+        image_id = len(self.images) + 1
+        self.images.append({"id": image_id, "height": int(height), "width": int(width)})
+        crowd = list(gt_crowd) if gt_crowd is not None else [False] * len(gt_masks)
+        for mask, label, is_crowd in zip(gt_masks, gt_labels, crowd, strict=True):
+            mask = np.asarray(mask, bool)
+            if mask.any():
+                self.truths.append(
+                    self._annotation(image_id, label, mask, _mask_box(mask), iscrowd=int(is_crowd))
+                )
+        boxes = pred_boxes if pred_boxes is not None else [None] * len(pred_masks)
+        confidences = scores if scores is not None else [1.0] * len(pred_masks)
+        objects = zip(pred_masks, pred_labels, boxes, confidences, strict=True)
+        for mask, label, box, score in objects:
+            mask = np.asarray(mask, bool)
+            if box is None:
+                if not mask.any():
+                    continue
+                box = _mask_box(mask)
+            self.detections.append(
+                self._annotation(image_id, label, mask, box, score=float(score), iscrowd=0)
+            )
+
+    def _annotation(
+        self, image_id: int, label: str, mask: np.ndarray, box: tuple, **fields: Any
+    ) -> dict[str, Any]:
+        return {
+            "image_id": image_id,
+            "category_id": self._category(label),
+            "segmentation": _rle(mask),
+            "area": float(np.count_nonzero(mask)),
+            "bbox": _xywh(box),
+            **fields,
+        }
+
+    def _coco(self, annotations: list[dict[str, Any]]) -> Any:
+        from pycocotools import coco
+
+        data = coco.COCO()
+        data.dataset = {
+            "images": self.images,
+            "categories": [{"id": k, "name": n} for k, n in enumerate(self.labels, start=1)],
+            "annotations": [dict(a, id=i) for i, a in enumerate(annotations, start=1)],
+        }  # ids from 1: COCOeval reads a matched id of 0 as "no match"
+        data.createIndex()
+        return data
+
+    def result(self) -> dict[str, float]:
+        """mask_ap, mask_ap50, mask_ap75, box_ap, box_ap50, box_ap75 and num_instances."""
+        import contextlib
+        import io
+
+        from pycocotools import cocoeval
+
+        out: dict[str, float] = {}
+        if not any(not t["iscrowd"] for t in self.truths):
+            return dict.fromkeys(AP_NAMES, -1.0) | {"num_instances": 0}
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            truths, detections = self._coco(self.truths), self._coco(self.detections)
+            for kind, iou_type in (("mask", "segm"), ("box", "bbox")):
+                evaluator = cocoeval.COCOeval(truths, detections, iou_type)
+                evaluator.evaluate()
+                evaluator.accumulate()
+                out[f"{kind}_ap"] = _average_precision(evaluator, None)
+                out[f"{kind}_ap50"] = _average_precision(evaluator, 0.5)
+                out[f"{kind}_ap75"] = _average_precision(evaluator, 0.75)
+        return out | {"num_instances": sum(not t["iscrowd"] for t in self.truths)}

@@ -168,7 +168,7 @@ def run_prediction(
             record = scenes_lib.predict_scene(
                 segmenter, str(path), str(out), _unique_name(path, taken), prompt, side,
                 tiling["overlap"], tiling["radiometry"] or scene_readers.Radiometry(),
-                progress=sys.stderr.isatty(),
+                progress=sys.stderr.isatty(), wgs84=tiling.get("wgs84", False),
             )  # fmt: skip
             jsonl.write(json.dumps({"image": str(path), **record}) + "\n")
             done += 1
@@ -224,7 +224,11 @@ def _tiling(values: Any) -> dict[str, Any]:
         scenes.parse_pair(values.scale, "--scale"),
     )
     overlap = float(values.overlap) if values.overlap else 0.25
-    return {"tile": tile, "overlap": overlap, "radiometry": radiometry}
+    geojson_crs = (values.geojson_crs or "input").upper()
+    if geojson_crs not in ("INPUT", "EPSG:4326"):
+        raise ValueError(f"--geojson_crs {values.geojson_crs!r}: give input or EPSG:4326")
+    wgs84 = geojson_crs == "EPSG:4326"
+    return {"tile": tile, "overlap": overlap, "radiometry": radiometry, "wgs84": wgs84}
 
 
 def main(argv: Sequence[str]) -> int:
@@ -242,6 +246,7 @@ def main(argv: Sequence[str]) -> int:
                 ("bands", "Raster bands as R,G,B (1-based), e.g. 4,3,2."),
                 ("stretch", "Per-band percentiles LOW,HIGH mapped to 0..255, e.g. 2,98."),
                 ("scale", "Fixed band values LOW,HIGH mapped to 0..255, e.g. 0,3000."),
+                ("geojson_crs", "NAME.geojson's CRS: input (default, the scene's) or EPSG:4326."),
             ],
             config_required=False,
         )

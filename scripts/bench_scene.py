@@ -28,7 +28,7 @@ SIDE, POOL, BORDER = 256, 16, 100
 
 def write_scene(path: str, size: int, seed: int = 3) -> None:
     import rasterio
-    from affine import Affine
+    from rasterio.transform import Affine
     from rasterio.windows import Window
 
     from paligemma_seg.data.synthetic import render_tile

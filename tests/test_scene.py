@@ -1,23 +1,24 @@
 """Tiled prediction over a synthetic GeoTIFF scene with an oracle model (the tiles' true suffixes):
 the stitched mask reaches the codec's per-tile ceiling, keeps the CRS and transform, and its
-polygons rasterise back to it."""
+polygons rasterise back to it. Training tiles cut from the scene (mask raster or GeoJSON labels)
+round-trip through `data.convert` to suffixes that decode to the tiles' masks."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
+import rasterio
+from rasterio.transform import Affine
+from PIL import Image
+from rasterio import features
 
-rasterio = pytest.importorskip("rasterio")
-pytest.importorskip("shapely")
-
-from affine import Affine  # noqa: E402
-from rasterio import features  # noqa: E402
-
-from paligemma_seg.data import scenes  # noqa: E402
-from paligemma_seg.data.convert import load_codec  # noqa: E402
-from paligemma_seg.data.synthetic import render_tile  # noqa: E402
-from paligemma_seg.infer import scene_outputs, tiling  # noqa: E402
-from paligemma_seg.segtokens import codec as codec_lib  # noqa: E402
+from paligemma_seg.data import scene_tiles, scenes
+from paligemma_seg.data.convert import __main__ as convert_cli
+from paligemma_seg.data.convert import load_codec
+from paligemma_seg.data.synthetic import render_tile
+from paligemma_seg.infer import scene_outputs, tiling
+from paligemma_seg.segtokens import codec as codec_lib
 
 HEIGHT, WIDTH, SIDE, BORDER = 768, 1024, 256, 40
 TRANSFORM = Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 4100000.0)
@@ -94,6 +95,13 @@ def test_scene_oracle_reaches_codec_ceiling_and_keeps_georeference(scene_file, t
     areas = [f["properties"]["area_m2"] for f in json.load(open(geojson))["features"]]
     assert abs(sum(areas) - 100.0 * (mask == 1).sum()) / (100.0 * (mask == 1).sum()) < 0.02
 
+    lonlat = str(tmp_path / "scene_4326.geojson")  # predict --geojson_crs EPSG:4326
+    scene_outputs.write_geojson(mask_path, lonlat, wgs84=True)
+    assert "crs" not in json.load(open(lonlat))
+    shapes = [(g, 1) for g in scene_tiles.read_geometries(lonlat, rasterio.CRS.from_epsg(32633))]
+    back = features.rasterize(shapes, out_shape=(HEIGHT, WIDTH), transform=TRANSFORM)
+    assert codec_lib.iou(back == 1, mask == 1) >= 0.99
+
 
 def test_scene_reader_rejects_missing_band(scene_file):
     with pytest.raises(ValueError, match="has 3 band.*band 4"):
@@ -125,4 +133,105 @@ def test_predict_cli_tiles_a_geotiff_into_mask_geojson_and_preview(scene_file, t
     with rasterio.open(out / record["mask"]) as mask:
         assert mask.crs.to_epsg() == 32633 and (mask.height, mask.width) == (HEIGHT, WIDTH)
         assert set(np.unique(mask.read(1)).tolist()) <= {0, 1, tiling.NODATA}
-    assert (out / "scene.geojson").exists() and (out / "scene_preview.png").exists()
+    assert (out / "scene_preview.png").exists()
+    with rasterio.open(out / record["mask"]) as mask:
+        water = mask.read(1) == 1
+    shapes = [
+        (f["geometry"], 1) for f in json.loads((out / "scene.geojson").read_text())["features"]
+    ]
+    back = features.rasterize(shapes, out_shape=water.shape, transform=TRANSFORM) if shapes else 0
+    assert codec_lib.iou(np.asarray(back) == 1, water) >= 0.99
+
+
+@pytest.fixture(scope="module")
+def cut_scene(scene_file, tmp_path_factory):
+    """The scene with its right tile column (cols >= 768) nodata, and its mask GeoTIFF (0/1, 255
+    nodata where the scene is)."""
+    path, truth, valid = scene_file
+    folder = tmp_path_factory.mktemp("cut")
+    valid = valid.copy()
+    valid[:, 3 * SIDE :] = False
+    with rasterio.open(path) as source:
+        profile, image = source.profile, source.read()
+    image[:, ~valid] = 0
+    scene = folder / "cut.tif"
+    with rasterio.open(scene, "w", **profile) as dataset:
+        dataset.write(image)
+    mask = folder / "cut_mask.tif"
+    with rasterio.open(mask, "w", **(profile | {"count": 1, "nodata": 255})) as dataset:
+        dataset.write(np.where(valid, truth, 255).astype(np.uint8)[None])
+    return scene, mask, truth & valid
+
+
+def _tile_origin(name: str) -> tuple[int, int]:
+    row, col = name.rsplit("_", 2)[1:]
+    return int(row[1:]), int(col[1:])
+
+
+def test_scene_tiles_round_trip_through_convert(cut_scene, tmp_path):
+    scene, mask, water = cut_scene
+    out = tmp_path / "jsonl"
+    argv = ["--scene", str(scene), "--scene-mask", str(mask), "--tile", "256", "--stride", "256"]
+    assert convert_cli.main([*argv, "--workers", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert {k: report["settings"]["scene"][k] for k in ("tiles", "nodata_tiles", "cut_tiles")} == {
+        "tiles": 12,
+        "nodata_tiles": 3,
+        "cut_tiles": 9,
+    }
+    assert report["splits"]["train"]["examples"] == 9 and report["counts"]["left_out"] == 0
+    codec = load_codec()
+    lines = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    ceilings = {e["image"]: e["ceiling_iou"] for e in report["images"]}
+    for line in lines:
+        name = line["image"].rsplit("/", 1)[-1]
+        row, col = _tile_origin(name[: -len(".png")])
+        truth = water[row : row + SIDE, col : col + SIDE]
+        cut = np.asarray(Image.open(out / line["mask"])) > 127
+        np.testing.assert_array_equal(cut, truth)  # nodata pixels are not water
+        decoded = codec.decode(line["suffix"], SIDE, SIDE).mask
+        assert codec_lib.iou(decoded, truth) == pytest.approx(ceilings[name], abs=1e-5)
+        assert codec_lib.iou(decoded, truth) >= codec.ceiling_iou(truth) - 1e-5
+    # A rerun replaces the tiles and the JSONL (same result).
+    assert convert_cli.main([*argv, "--workers", "1", "--no-ceiling", "--out", str(out)]) == 0
+    again = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [a["suffix"] for a in again] == [a["suffix"] for a in lines]
+
+
+def _polygons(water: np.ndarray, crs: str | None) -> dict:
+    shapes = features.shapes(water.astype(np.uint8), mask=water, transform=TRANSFORM)
+    items = [{"type": "Feature", "properties": {}, "geometry": g} for g, _ in shapes]
+    collection = {"type": "FeatureCollection", "features": items}
+    if crs is None:  # RFC 7946: lon/lat
+        from rasterio import warp
+
+        for item in items:
+            item["geometry"] = warp.transform_geom("EPSG:32633", "EPSG:4326", item["geometry"])
+    else:
+        collection["crs"] = {"type": "name", "properties": {"name": crs}}
+    return collection
+
+
+def test_scene_labels_geojson_gives_the_mask_raster_tiles(cut_scene, tmp_path):
+    scene, mask, water = cut_scene
+    from_mask = scene_tiles.cut_tiles(scene, tmp_path / "a", mask=mask, tile=256)
+    for crs in ("EPSG:32633", None):
+        labels = tmp_path / f"labels_{crs is None}.geojson"
+        labels.write_text(json.dumps(_polygons(water, crs)))
+        cut = scene_tiles.cut_tiles(scene, tmp_path / str(crs), labels=labels, tile=256)
+        assert cut.names == from_mask.names and cut.nodata_tiles == 3
+        for name in cut.names:
+            a = np.asarray(Image.open(from_mask.masks / f"{name}.png")) > 0
+            b = np.asarray(Image.open(cut.masks / f"{name}.png")) > 0
+            if crs is not None:  # the same grid: exactly the same pixels
+                np.testing.assert_array_equal(a, b)
+            elif a.any():  # reprojected vertices: nearly
+                assert codec_lib.iou(a, b) >= 0.99
+
+
+def test_scene_tiles_without_rasterio_say_how_to_install(cut_scene, tmp_path, monkeypatch, capsys):
+    scene, mask, _ = cut_scene
+    monkeypatch.setitem(sys.modules, "rasterio", None)
+    argv = ["--scene", str(scene), "--scene-mask", str(mask), "--out", str(tmp_path)]
+    assert convert_cli.main(argv) == 2
+    assert 'pip install -e ".[geo]"' in capsys.readouterr().err

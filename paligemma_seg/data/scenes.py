@@ -27,6 +27,7 @@ from paligemma_seg.data import images as images_lib
 
 DEFAULT_STRETCH = (2.0, 98.0)  # percentiles used for data that is not uint8 when none is given
 STATS_SIDE = 1024  # the decimated read for percentiles has at most this many pixels a side
+GDAL_CACHE_MB = 128  # GDAL's block cache while scenes are read and written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,22 @@ def unlimited_pixels() -> Iterator[None]:
         yield
     finally:
         Image.MAX_IMAGE_PIXELS = limit
+
+
+@contextlib.contextmanager
+def bounded_gdal_cache(megabytes: int = GDAL_CACHE_MB) -> Iterator[None]:
+    """Caps GDAL's block cache (by default 5% of RAM, which windowed reads of a big scene fill
+    with decoded blocks, so RSS would grow with the scene) unless GDAL_CACHEMAX is set."""
+    try:
+        import rasterio
+    except ImportError:  # nothing to cap; geo.require says what to install where needed
+        yield
+        return
+    if "GDAL_CACHEMAX" in os.environ:
+        yield
+        return
+    with rasterio.Env(GDAL_CACHEMAX=megabytes << 20):  # rasterio passes bytes to GDAL
+        yield
 
 
 def read_image_any_size(path: str | os.PathLike) -> images_lib.Loaded:
@@ -212,10 +229,25 @@ class RasterScene(Scene):
             )
         return self._percentiles(stretch)
 
+    def _decimated(self, step: int, masked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(values[C, h, w], valid[h, w]) of every `step`-th pixel, read a few hundred source
+        rows at a time: one read of the whole scene thrashes GDAL's bounded block cache."""
+        from rasterio.windows import Window
+
+        rows, values, valid = step * max(1, 256 // step), [], []
+        for row in range(0, self.height, rows):
+            height = min(rows, self.height - row)
+            window = Window(0, row, self.width, height)
+            shape = (len(self.bands), -(-height // step), -(-self.width // step))
+            read = dict(window=window, out_shape=shape)
+            values.append(self.dataset.read(list(self.bands), masked=masked, **read))
+            valid.append(self.dataset.read_masks(list(self.bands), **read).min(axis=0) > 0)
+        join = np.ma.concatenate if masked else np.concatenate
+        return join(values, axis=1), np.concatenate(valid)
+
     def _percentiles(self, stretch: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
         step = max(1, -(-max(self.height, self.width) // STATS_SIDE))
-        shape = (len(self.bands), -(-self.height // step), -(-self.width // step))
-        values = self.dataset.read(list(self.bands), out_shape=shape, masked=True)
+        values, _ = self._decimated(step, masked=True)
         low, high = [], []
         for band, data in zip(self.bands, values, strict=True):
             valid = data.compressed()
@@ -236,9 +268,7 @@ class RasterScene(Scene):
 
     def read_decimated(self, max_side):
         step = max(1, -(-max(self.height, self.width) // max_side))
-        shape = (len(self.bands), -(-self.height // step), -(-self.width // step))
-        values = self.dataset.read(list(self.bands), out_shape=shape)
-        valid = self.dataset.read_masks(list(self.bands), out_shape=shape).min(axis=0) > 0
+        values, valid = self._decimated(step)
         return self._rgb(values, valid), valid
 
     def _rgb(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -8,7 +8,10 @@ the workdir:
                        (the codec's own round trip on the same masks), num_images, step, timings;
                        for multi-class data also per_class_iou, per_class_image_iou and
                        miou_classes (`metrics.ClassIoU`; the per-image numbers are then over the
-                       union of the classes);
+                       union of the classes); mask_ap, mask_ap50, mask_ap75, box_ap, box_ap50,
+                       box_ap75 and num_instances (`metrics.InstanceAP`, COCOeval on the decoded
+                       objects against the ground-truth instances of `_instances`; every object
+                       scores 1.0, so AP is of the decoder's one operating point);
   eval_examples.jsonl  per image: output text, IoU, valid, object counts, ceiling IoU;
   contact_sheet.png    image | ground truth | prediction, eval.contact_sheet_rows rows (and
                        contact_sheet_step{STEP}.png when a step is given);
@@ -19,6 +22,7 @@ The CLI is `python -m paligemma_seg.evaluate`; training calls this every `eval_s
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -188,6 +192,64 @@ def _score(
     }
 
 
+def _parts(binary: np.ndarray, config: Any) -> list[np.ndarray]:
+    """One class's ground-truth instances as the converter cuts objects (`codec.to_objects`): the
+    whole mask with codec.whole_mask, else its connected parts (codec.connectivity); unlike the
+    converter, nothing is cleaned away or capped at max_objects (the truth, not the encoding)."""
+    from scipy import ndimage
+
+    if not binary.any():
+        return []
+    if config.whole_mask:
+        return [binary]
+    structure = ndimage.generate_binary_structure(2, 1 if config.connectivity == 4 else 2)
+    parts, count = ndimage.label(binary, structure)
+    return [parts == k for k in range(1, count + 1)]
+
+
+@functools.lru_cache(maxsize=4)
+def _coco_images(path: str) -> dict[int, Any]:
+    """The image records of a COCO file by id (read once per evaluation)."""
+    from paligemma_seg.data import coco as coco_lib
+
+    return {image.id: image for image in coco_lib.read_coco(path).images.values()}
+
+
+def _instances(
+    cfg: ml_collections.ConfigDict, split: str, codec: Any, example: Any, truth: np.ndarray
+) -> tuple[list[np.ndarray], list[str], list[bool]]:
+    """(masks, labels, crowd flags) of an image's ground-truth instances for instance AP.
+
+    COCO lines: the annotations of data.coco[split] (crowd regions flagged); class-id masks: the
+    parts of each class (`_parts`), ignored pixels one crowd region per class; binary masks: the
+    parts of the reference mask, labelled with the prompt's label.
+    """
+    from paligemma_seg.data import coco as coco_lib
+    from paligemma_seg.data.classes import IGNORE
+
+    coco = cfg.data.get("coco", None)
+    if example.coco_image_id is not None and coco and split in coco:
+        image = _coco_images(os.path.abspath(coco[split]))[example.coco_image_id]
+        found = coco_lib.decode(image)[0]
+        return list(found.masks), list(found.labels), [bool(c) for c in found.crowd]
+    masks, labels, crowd = [], [], []
+    if example.classes:
+        for k, label in enumerate(example.classes, start=1):
+            parts = _parts(truth == k, codec.config)
+            masks += parts
+            labels += [label] * len(parts)
+            crowd += [False] * len(parts)
+        if (truth == IGNORE).any():
+            masks += [truth == IGNORE] * len(example.classes)
+            labels += list(example.classes)
+            crowd += [True] * len(example.classes)
+        return masks, labels, crowd
+    prompt = segmenter_lib.prompt_labels(example.prefix, codec.config.label)[1]
+    parts = _parts(codec.reference_mask(truth), codec.config)
+    label = prompt[0] if prompt else codec.config.label
+    return parts, [label] * len(parts), [False] * len(parts)
+
+
 def _class_ceiling(codec: Any, index: np.ndarray, labels: tuple[str, ...]) -> float:
     """Mean over the classes in the ground truth of each class mask's codec round trip."""
     values = [
@@ -215,6 +277,7 @@ def run_evaluation(
     accumulator = metrics.SegmentationMetrics()
     labels = next((e.classes for e in examples if e.classes), None)
     classes = metrics.ClassIoU(tuple(labels)) if labels else None
+    instances = metrics.InstanceAP(list(labels or ()))
     records, sheet_rows = [], []
     decode_seconds = 0.0
     for first in range(0, len(examples), segmenter.batch_size):
@@ -225,6 +288,11 @@ def run_evaluation(
         for example, truth, prediction in zip(chunk, truths, predictions, strict=True):
             record = _score(segmenter.codec, accumulator, example, truth, prediction, classes)
             records.append(record)
+            gt_masks, gt_labels, crowd = _instances(cfg, split, segmenter.codec, example, truth)
+            instances.add(
+                gt_masks, gt_labels, prediction.object_masks, prediction.labels,
+                prediction.boxes, crowd, shape=truth.shape[:2],
+            )  # fmt: skip
             if len(sheet_rows) < int(cfg.eval.contact_sheet_rows):
                 gt = (truth > 0) if example.classes else segmenter.codec.reference_mask(truth)
                 sheet_rows.append((example.image, gt, prediction, record["iou"]))
@@ -233,6 +301,7 @@ def run_evaluation(
         "step": step,
         **accumulator.result(),
         **(classes.result() if classes else {}),
+        **instances.result(),
         "ceiling_miou": float(np.mean([r["ceiling_iou"] for r in records])) if records else 0.0,
         "invalid_objects": int(sum(r["invalid_objects"] for r in records)),
         "constrained": bool(cfg.decode.constrained),

@@ -33,11 +33,14 @@ def predict_scene(
     overlap: float = 0.25,
     radiometry: scenes.Radiometry = scenes.Radiometry(),
     progress: bool = True,
+    wgs84: bool = False,
 ) -> dict[str, Any]:
-    """Tiled prediction of one scene into `out` (local folder); returns its record."""
+    """Tiled prediction of one scene into `out` (local folder); returns its record.
+
+    wgs84: NAME.geojson in EPSG:4326 (RFC 7946) instead of the scene's CRS."""
     predictor = tiling.segmenter_predictor(segmenter, prompt)
     mask_path = os.path.join(out, f"{name}_mask.tif")
-    with scenes.open_scene(path, radiometry) as scene:
+    with scenes.bounded_gdal_cache(), scenes.open_scene(path, radiometry) as scene:
         writer = scene_outputs.MaskWriter(scene, mask_path)
         counts = tiling.predict_tiled(
             scene, predictor, segmenter.codec, tile, overlap, writer.emit,
@@ -47,7 +50,7 @@ def predict_scene(
         record = {"name": name, "mask": os.path.basename(mask_path), "tile": tile, **counts}
         if scene.georeferenced:
             geojson = os.path.join(out, f"{name}.geojson")
-            record["polygons"] = scene_outputs.write_geojson(mask_path, geojson)
+            record["polygons"] = scene_outputs.write_geojson(mask_path, geojson, wgs84=wgs84)
             record["geojson"] = os.path.basename(geojson)
         preview = os.path.join(out, f"{name}_preview.png")
         scene_outputs.write_preview(scene, mask_path, preview)

@@ -353,6 +353,7 @@ def convert(
     progress: bool = True,
     vqvae_path: PathLike | None = None,
     tokenizer_path: PathLike | None = None,
+    extra_settings: Mapping[str, Any] | None = None,
 ) -> dict:
     """Converts a data set as the module docstring says and returns the report it writes.
 
@@ -360,12 +361,14 @@ def convert(
     (default: one split "all" with every image); workers: processes (default: the CPU cores).
     vqvae_path: the file `codec`'s VQ-VAE was loaded from (default: DEFAULT_CODEC's file when
     `codec` is None, else unknown: null); tokenizer_path: the tokenizer the data is meant for
-    (default null). Both are only recorded in report.json, with their sha256.
+    (default null). Both are only recorded in report.json, with their sha256. extra_settings:
+    more entries for report.json's settings (e.g. `scene`, from `data.scene_tiles`).
     """
     listing = find_pairs(images, masks, splits)
     sources = {
         "images": str(pathlib.Path(images).resolve()),
         "masks": str(pathlib.Path(masks).resolve()),
+        **(extra_settings or {}),
     }
     return _convert_listing(
         listing, out, list(splits) if splits else ["all"], sources, prefix=prefix, codec=codec,

@@ -1,5 +1,7 @@
 """`python -m paligemma_seg.data.convert --images DIR --masks DIR --out DIR [--split N=LIST ...]`,
-with `--classes "1=water,2=building"` for class-id masks, or `--coco [SPLIT=]FILE --images DIR`.
+with `--classes "1=water,2=building"` for class-id masks, or `--coco [SPLIT=]FILE --images DIR`,
+or `--scene scene.tif --scene-mask mask.tif|--scene-labels water.geojson --tile 224 --stride 224`
+(tiles cut from a scene: `data.scene_tiles`).
 
 The command line of `data.convert.convert` (see its module docstring for what it writes).
 """
@@ -76,7 +78,40 @@ def _parser() -> argparse.ArgumentParser:
     add("--workers", type=int, help="worker processes (default: CPU cores)")
     add("--absolute-paths", action="store_true", help="absolute instead of relative JSONL paths")
     add("--no-ceiling", action="store_true", help="skip the ceiling IoU (faster)")
+    _scene_flags(parser.add_argument_group("scenes (data.scene_tiles; needs the geo extra)"))
     return parser
+
+
+def _scene_flags(group: argparse._ArgumentGroup) -> None:
+    add = group.add_argument
+    add("--scene", help="a raster scene (GeoTIFF) to cut into training tiles, instead of --images")
+    add("--scene-mask", help="the scene's mask raster on its grid (water: values > 0)")
+    add("--scene-labels", help="or water polygons (GeoJSON), rasterised into the scene's grid")
+    add("--tile", type=int, default=224, help="tile side in px (default 224)")
+    add("--stride", type=int, help="px between tile starts (default: --tile)")
+    add("--scene-split", default="train", help="the split of every tile (default train)")
+    add("--bands", help="scene bands as R,G,B (1-based), e.g. 4,3,2")
+    add("--stretch", help="per-band percentiles LOW,HIGH mapped to 0..255, e.g. 2,98")
+    add("--scale", help="fixed band values LOW,HIGH mapped to 0..255, e.g. 0,3000")
+
+
+def _scene_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """`scene_tiles.convert_scene`'s scene keywords from the flags (scenes.parse_*)."""
+    from paligemma_seg.data import scenes
+
+    if args.images or args.masks or args.coco or args.classes:
+        parser.error("--scene replaces --images, --masks, --coco and --classes: drop them")
+    if not args.scene_mask and not args.scene_labels:
+        parser.error("--scene needs --scene-mask MASK.tif or --scene-labels WATER.geojson")
+    radiometry = scenes.Radiometry(
+        scenes.parse_bands(args.bands),
+        scenes.parse_pair(args.stretch, "--stretch"),
+        scenes.parse_pair(args.scale, "--scale"),
+    )
+    return dict(
+        mask=args.scene_mask, labels=args.scene_labels, tile=args.tile, stride=args.stride,
+        radiometry=radiometry, split=args.scene_split,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("threshold", "max_objects"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    if not args.images:
-        parser.error("give --images DIR (the folder of the images)")
-    if not args.coco and not args.masks:
+    if not args.images and not args.scene:
+        parser.error("give --images DIR (the folder of the images) or --scene SCENE.tif")
+    if not args.scene and not args.coco and not args.masks:
         parser.error("give --masks DIR (binary or, with --classes, class-id masks) or --coco FILE")
     if args.coco and (args.masks or args.classes or splits):
         parser.error("--coco takes its splits from its files: drop --masks, --classes, --split")
@@ -110,7 +145,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.prefix is not None:
             options["prefix"] = args.prefix
-        if args.coco:
+        if args.scene:
+            from paligemma_seg.data import scene_tiles
+
+            scene = _scene_options(args, parser)
+            report = scene_tiles.convert_scene(
+                args.scene, args.out, splits=splits or None, **scene, **options
+            )
+        elif args.coco:
             files = dict(_coco_arg(text) for text in args.coco)
             if len(files) != len(args.coco):
                 parser.error("give each --coco SPLIT once")
@@ -134,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         f"wrote {counts['written']} of {counts['pairs']} pairs to {args.out}; left out "
         f"{counts['left_out']} {report['problems'] or ''}; ignored {counts['ignored_files']} files"
     )
+    if "scene" in report["settings"]:
+        scene = report["settings"]["scene"]
+        print(
+            f"  cut {scene['cut_tiles']} of {scene['tiles']} tiles from {scene['path']}; "
+            f"skipped {scene['nodata_tiles']} nodata-only tiles"
+        )
     for info in report["splits"].values():
         print(
             f"  {info['file']}: {info['examples']} examples ({info['empty_masks']} empty), "
