@@ -5,9 +5,10 @@
 PATH: a training workdir, an orbax checkpoint, a .npz or an HF directory (as for
 `Segmenter.from_pretrained`).
 Upload an image, edit the prompt, press Segment: the page shows the overlay (mask + boxes), the
-decoded text and the timing, and offers the mask PNG for download. Bound to 127.0.0.1 unless
---host says otherwise. Uploads are capped (--max-upload-mb, --max-megapixels); the page sends
-pixels, never a path: the only files written are the mask PNGs, under a private temporary folder.
+decoded text and the timing, and offers the mask PNG and its polygons (GeoJSON in pixel
+coordinates, with the geo extra) for download. Bound to 127.0.0.1 unless --host says otherwise.
+Uploads are capped (--max-upload-mb, --max-megapixels); the page sends pixels, never a path: the
+only files written are the masks' PNG and GeoJSON, under a private temporary folder.
 """
 
 from __future__ import annotations
@@ -36,26 +37,39 @@ class Answer:
 
     overlay: Any  # PIL image: the mask blended in, boxes outlined
     mask_png: str  # path of the mask PNG offered for download
+    geojson: str | None  # path of its polygons (pixel coordinates); None without the geo extra
     text: str  # the decoded text
     summary: str  # objects, validity, water fraction, timing
 
 
 class MaskFolder:
-    """Mask PNGs written atomically under one private temporary folder, named by a counter."""
+    """Masks written atomically under one private temporary folder, a numbered folder each:
+    mask.png and, when the geo extra is installed, mask.geojson (`scene_outputs.mask_geojson`)."""
 
     def __init__(self) -> None:
         self.root = tempfile.mkdtemp(prefix="paligemma_seg_serve_")
         self._count = itertools.count(1)
 
-    def write(self, mask: np.ndarray) -> str:
+    def write(self, mask: np.ndarray) -> tuple[str, str | None]:
+        """(mask.png's path, mask.geojson's path or None without the geo extra)."""
         from paligemma_seg import visualize
+        from paligemma_seg.data import geo
+        from paligemma_seg.infer import scene_outputs
 
         folder = os.path.join(self.root, f"{next(self._count):06d}")
         os.mkdir(folder)
         path = os.path.join(folder, "mask.png")
         visualize.mask_image(mask).save(path + ".tmp", format="PNG")
         os.replace(path + ".tmp", path)
-        return path
+        try:
+            text = scene_outputs.mask_geojson(mask)
+        except geo.GeoDependencyError:
+            return path, None
+        polygons = os.path.join(folder, "mask.geojson")
+        with open(polygons + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(polygons + ".tmp", polygons)
+        return path, polygons
 
 
 def answer(segmenter: Any, masks: MaskFolder, image: Any, prompt: str, max_pixels: int) -> Answer:
@@ -82,7 +96,7 @@ def answer(segmenter: Any, masks: MaskFolder, image: Any, prompt: str, max_pixel
     )
     return Answer(
         visualize.overlay(pixels, prediction.mask, prediction.boxes),
-        masks.write(prediction.mask),
+        *masks.write(prediction.mask),
         prediction.text,
         summary,
     )
@@ -95,12 +109,12 @@ def build_page(segmenter: Any, default_prompt: str, max_pixels: int) -> Any:
 
     masks = MaskFolder()
 
-    def run(image: Any, prompt: str) -> tuple[Any, str, str, str]:
+    def run(image: Any, prompt: str) -> tuple[Any, str, str | None, str, str]:
         try:
             result = answer(segmenter, masks, image, prompt, max_pixels)
         except ValueError as error:
             raise gr.Error(str(error)) from None
-        return result.overlay, result.mask_png, result.text, result.summary
+        return result.overlay, result.mask_png, result.geojson, result.text, result.summary
 
     with gr.Blocks(
         title="paligemma_seg", analytics_enabled=False, delete_cache=(600, 3600)
@@ -120,9 +134,14 @@ def build_page(segmenter: Any, default_prompt: str, max_pixels: int) -> Any:
                     elem_id="overlay",
                 )  # fmt: skip
                 mask_file = gr.File(label="Mask PNG", interactive=False, elem_id="mask_png")
+                polygons = gr.File(
+                    label="Polygons (GeoJSON, pixel coordinates)", interactive=False,
+                    elem_id="mask_geojson",
+                )  # fmt: skip
                 text = gr.Textbox(label="Decoded text", interactive=False, elem_id="text")
                 summary = gr.Markdown(elem_id="summary")
-        button.click(run, [image, prompt], [overlay, mask_file, text, summary], concurrency_limit=1)
+        outputs = [overlay, mask_file, polygons, text, summary]
+        button.click(run, [image, prompt], outputs, concurrency_limit=1)
     return page
 
 

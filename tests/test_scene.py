@@ -9,9 +9,9 @@ import sys
 import numpy as np
 import pytest
 import rasterio
-from rasterio.transform import Affine
 from PIL import Image
 from rasterio import features
+from rasterio.transform import Affine
 
 from paligemma_seg.data import scene_tiles, scenes
 from paligemma_seg.data.convert import __main__ as convert_cli
@@ -106,6 +106,36 @@ def test_scene_oracle_reaches_codec_ceiling_and_keeps_georeference(scene_file, t
 def test_scene_reader_rejects_missing_band(scene_file):
     with pytest.raises(ValueError, match="has 3 band.*band 4"):
         scenes.open_scene(scene_file[0], scenes.Radiometry(bands=(4, 3, 2)))
+
+
+def test_uint16_bands_scale_stretch_and_nodata(scene_file, tmp_path):
+    """A 4-band uint16 scene whose bands 4, 3, 2 hold the RGB image as 1000 + 10 * value (band 1
+    noise, nodata 0 in the border): --bands 4,3,2 with --scale 1000,3550 or --stretch 0,100
+    gives the RGB image back; nodata pixels stay invalid and black."""
+    path, _, valid = scene_file
+    with rasterio.open(path) as source:
+        rgb, profile = source.read(), source.profile
+    rgb[:, BORDER, BORDER : BORDER + 2] = [[0, 255]] * 3  # the stretch's 0 and 100 percentiles
+    reflectance = np.zeros((4, HEIGHT, WIDTH), np.uint16)
+    reflectance[0] = np.random.default_rng(0).integers(1, 60000, (HEIGHT, WIDTH))
+    reflectance[1:] = 1000 + 10 * rgb[::-1].astype(np.uint16)  # bands 2, 3, 4 = B, G, R
+    reflectance[:, ~valid] = 0
+    scene = tmp_path / "uint16.tif"
+    with rasterio.open(scene, "w", **(profile | {"count": 4, "dtype": "uint16"})) as dataset:
+        dataset.write(reflectance)
+    expected = np.moveaxis(rgb, 0, -1)
+    for radiometry in (
+        scenes.Radiometry(bands=(4, 3, 2), scale=(1000.0, 3550.0)),
+        scenes.Radiometry(bands=(4, 3, 2), stretch=(0.0, 100.0)),
+    ):
+        with scenes.open_scene(scene, radiometry) as opened:
+            pixels, inside = opened.read_window(0, 0, HEIGHT, WIDTH)
+        np.testing.assert_array_equal(inside, valid)
+        np.testing.assert_array_equal(pixels[valid], expected[valid])
+        assert not pixels[~valid].any()
+    with scenes.open_scene(scene, scenes.Radiometry(bands=(4, 3, 2))) as opened:  # 2-98 default
+        pixels, _ = opened.read_window(0, 0, HEIGHT, WIDTH)
+    assert pixels[valid].min() == 0 and pixels[valid].max() == 255
 
 
 def test_tile_positions_cover_the_axis_and_end_at_the_edge():

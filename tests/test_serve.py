@@ -5,6 +5,7 @@ Also the request handler's limits, without a browser."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -80,6 +81,11 @@ def test_page_in_a_browser_returns_the_api_mask(run_dir, water_dir, tmp_path):
             response = page.request.get(link.get_attribute("href"))
             assert response.ok
             (tmp_path / "mask.png").write_bytes(response.body())
+            link = page.locator("#mask_geojson a").first
+            link.wait_for(timeout=60_000)
+            response = page.request.get(link.get_attribute("href"))
+            assert response.ok
+            (tmp_path / "mask.geojson").write_bytes(response.body())
             text = page.locator("#text textarea").input_value()
             summary = page.locator("#summary").inner_text()
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
@@ -93,11 +99,36 @@ def test_page_in_a_browser_returns_the_api_mask(run_dir, water_dir, tmp_path):
     with Image.open(tmp_path / "mask.png") as mask_png:
         got = np.asarray(mask_png) > 0
     np.testing.assert_array_equal(got, expected.mask)
+    polygons = json.loads((tmp_path / "mask.geojson").read_text())
+    assert _rasterised(polygons, got.shape).sum() == pytest.approx(got.sum(), rel=0.02, abs=5)
     assert text == expected.text
     assert "predicted in" in summary and f"{expected.objects} object(s)" in summary
     assert "127.0.0.1" in log and "Weights: " in log
     for line in ("oneDNN custom operations", "absl::InitializeLog()"):
         assert line not in log
+
+
+def _rasterised(polygons: dict, shape: tuple[int, int]) -> np.ndarray:
+    from rasterio import features
+
+    shapes = [(f["geometry"], 1) for f in polygons["features"]]
+    return features.rasterize(shapes, out_shape=shape) == 1 if shapes else np.zeros(shape, bool)
+
+
+def test_mask_geojson_rasterises_back_to_a_real_water_mask(water_dir):
+    from paligemma_seg.infer import scene_outputs
+
+    with Image.open(water_dir / "masks" / WATER) as png:
+        mask = np.asarray(png.convert("L")) > 127
+    exact = json.loads(scene_outputs.mask_geojson(mask, tolerance=0.0))
+    np.testing.assert_array_equal(_rasterised(exact, mask.shape), mask)  # pixel outlines
+    polygons = json.loads(scene_outputs.mask_geojson(mask))  # simplified at 1 px
+    assert "crs" not in polygons and len(polygons["features"]) >= 1
+    back = _rasterised(polygons, mask.shape)
+    assert (back & mask).sum() / (back | mask).sum() >= 0.98  # JPEG-ragged edges: 0.9885
+    assert sum(f["properties"]["area_px"] for f in polygons["features"]) == pytest.approx(
+        mask.sum(), rel=0.02
+    )
 
 
 class _Echo:
@@ -121,6 +152,11 @@ def test_answer_writes_the_mask_and_enforces_the_pixel_limit(tmp_path):
     with Image.open(result.mask_png) as png:
         np.testing.assert_array_equal(np.asarray(png)[:, 0], [255] * 10 + [0] * 10)
     assert result.overlay.size == (30, 20)
+    assert os.path.dirname(result.geojson) == os.path.dirname(result.mask_png)
+    with open(result.geojson) as f:
+        np.testing.assert_array_equal(
+            _rasterised(json.load(f), (20, 30))[:, 0], [1] * 10 + [0] * 10
+        )
     with pytest.raises(ValueError, match=r"at most 0\.0 \(--max-megapixels\)"):
         serve.answer(_Echo(), masks, pixels, "segment water", max_pixels=599)
     with pytest.raises(ValueError, match="upload an image first"):

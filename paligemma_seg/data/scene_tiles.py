@@ -118,8 +118,8 @@ class _VectorLabels:
 
     def window(self, row: int, col: int, height: int, width: int) -> np.ndarray:
         import shapely
-        from rasterio.transform import Affine
         from rasterio import features
+        from rasterio.transform import Affine
 
         transform = self.transform @ Affine.translation(col, row)
         corners = [transform @ (x, y) for x in (0, width) for y in (0, height)]

@@ -10,6 +10,7 @@ a strip's edge rejoined), simplified with shapely (a tolerance in pixels), then 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -72,8 +73,8 @@ GEOJSON_STRIP = 1024  # mask rows polygonised at a time (memory: this many rows 
 def _strip_polygons(dataset: Any, strip: int) -> Iterator[tuple[Any, bool]]:
     """(water polygon in pixel coordinates, whether a strip's edge cuts it) of the mask, read
     `strip` rows at a time; the caller rejoins the cut parts."""
-    from rasterio.transform import Affine
     from rasterio import features
+    from rasterio.transform import Affine
     from rasterio.windows import Window
     from shapely import geometry
 
@@ -155,6 +156,25 @@ def write_geojson(
         f.write("]}\n")
     os.replace(staging, path)
     return found.count
+
+
+def mask_geojson(mask: np.ndarray, tolerance: float = 1.0) -> str:
+    """GeoJSON text (a FeatureCollection) of a bool[H, W] mask's water polygons in pixel
+    coordinates (x right, y down, no CRS), simplified as `write_geojson` does: for images
+    without a georeference (the web page's uploads)."""
+    geo.require("polygons")
+    from rasterio import features
+    from rasterio.transform import Affine
+    from shapely import geometry
+
+    water = np.ascontiguousarray(mask, dtype=bool)
+    text = io.StringIO()
+    text.write('{"type": "FeatureCollection", "features": [')
+    found = _Features(text, None, Affine.identity(), tolerance, wgs84=False)
+    for shape, _ in features.shapes(water.view(np.uint8), mask=water):
+        found.add(geometry.shape(shape))
+    text.write("]}\n")
+    return text.getvalue()
 
 
 def write_preview(scene: Any, mask_path: str, path: str, max_side: int = 1024) -> None:
