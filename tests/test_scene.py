@@ -244,11 +244,15 @@ def _polygons(water: np.ndarray, crs: str | None) -> dict:
 
 def test_scene_labels_geojson_gives_the_mask_raster_tiles(cut_scene, tmp_path):
     scene, mask, water = cut_scene
-    from_mask = scene_tiles.cut_tiles(scene, tmp_path / "a", mask=mask, tile=256)
+    from_mask = scene_tiles.cut_tiles(
+        scene, tmp_path / "a", scene_tiles.TileSpec(mask=mask, tile=256)
+    )
     for crs in ("EPSG:32633", None):
         labels = tmp_path / f"labels_{crs is None}.geojson"
         labels.write_text(json.dumps(_polygons(water, crs)))
-        cut = scene_tiles.cut_tiles(scene, tmp_path / str(crs), labels=labels, tile=256)
+        cut = scene_tiles.cut_tiles(
+            scene, tmp_path / str(crs), scene_tiles.TileSpec(labels=labels, tile=256)
+        )
         assert cut.names == from_mask.names and cut.nodata_tiles == 3
         for name in cut.names:
             a = np.asarray(Image.open(from_mask.masks / f"{name}.png")) > 0

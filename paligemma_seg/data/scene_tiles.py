@@ -42,6 +42,23 @@ DEFAULT_SPLIT = "train"
 
 
 @dataclasses.dataclass(frozen=True)
+class TileSpec:
+    """How a scene is cut: its labels (one of a mask raster and GeoJSON polygons), the tile side
+    and stride in px (stride None: the side), and the bands' radiometry."""
+
+    mask: PathLike | None = None
+    labels: PathLike | None = None
+    tile: int = 224
+    stride: int | None = None
+    radiometry: scenes.Radiometry = scenes.Radiometry()
+
+    @property
+    def step(self) -> int:
+        """px between tile starts."""
+        return self.stride or self.tile
+
+
+@dataclasses.dataclass(frozen=True)
 class Cut:
     """What `cut_tiles` wrote: the tile folders, the tile names, and the counts."""
 
@@ -183,26 +200,17 @@ def _open_labels(scene: scenes.Scene, mask: str | None, labels: str | None) -> A
     return _RasterLabels(mask, scene) if mask else _VectorLabels(labels, scene)
 
 
-def cut_tiles(
-    scene_path: PathLike,
-    out: PathLike,
-    *,
-    mask: PathLike | None = None,
-    labels: PathLike | None = None,
-    tile: int = 224,
-    stride: int | None = None,
-    radiometry: scenes.Radiometry = scenes.Radiometry(),
-) -> Cut:
+def cut_tiles(scene_path: PathLike, out: PathLike, spec: TileSpec) -> Cut:
     """Cuts the scene and its mask (or labels) into `OUT/scene_tiles/SCENE/` (module doc)."""
     geo.require("scene tiles")
-    stride = stride or tile
+    mask, labels, tile, stride = spec.mask, spec.labels, spec.tile, spec.step
     if tile < 1 or stride < 1:
         raise ValueError(f"--tile {tile} --stride {stride}: give sides of at least 1 px")
     out_dir = pathlib.Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".scene-tiles-", dir=out_dir))
     try:
-        with scenes.bounded_gdal_cache(), scenes.open_scene(scene_path, radiometry) as scene:
+        with scenes.bounded_gdal_cache(), scenes.open_scene(scene_path, spec.radiometry) as scene:
             final = out_dir / TILES_DIR / scene.name
             source = _open_labels(scene, mask and os.fspath(mask), labels and os.fspath(labels))
             try:
@@ -249,12 +257,8 @@ def _replace(staging: pathlib.Path, final: pathlib.Path) -> None:
 def convert_scene(
     scene_path: PathLike,
     out: PathLike,
+    spec: TileSpec,
     *,
-    mask: PathLike | None = None,
-    labels: PathLike | None = None,
-    tile: int = 224,
-    stride: int | None = None,
-    radiometry: scenes.Radiometry = scenes.Radiometry(),
     split: str = DEFAULT_SPLIT,
     splits: Mapping[str, PathLike] | None = None,
     **options: Any,
@@ -266,22 +270,20 @@ def convert_scene(
     """
     from paligemma_seg.data import convert as convert_lib
 
-    cut = cut_tiles(
-        scene_path, out, mask=mask, labels=labels, tile=tile, stride=stride, radiometry=radiometry
-    )
+    cut = cut_tiles(scene_path, out, spec)
     if not splits:
         listed = cut.images.parent / f"{split}.txt"
         listed.write_text("".join(f"{name}\n" for name in cut.names))
         splits = {split: listed}
     scene = {
         "path": os.path.abspath(scene_path),
-        "mask": mask and os.path.abspath(mask),
-        "labels": labels and os.path.abspath(labels),
-        "tile": tile,
-        "stride": stride or tile,
-        "bands": radiometry.bands,
-        "stretch": radiometry.stretch,
-        "scale": radiometry.scale,
+        "mask": spec.mask and os.path.abspath(spec.mask),
+        "labels": spec.labels and os.path.abspath(spec.labels),
+        "tile": spec.tile,
+        "stride": spec.step,
+        "bands": spec.radiometry.bands,
+        "stretch": spec.radiometry.stretch,
+        "scale": spec.radiometry.scale,
         "tiles": cut.tiles,
         "nodata_tiles": cut.nodata_tiles,
         "cut_tiles": len(cut.names),

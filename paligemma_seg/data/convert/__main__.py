@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from paligemma_seg.data import convert as convert_lib
 from paligemma_seg.data import pairs
@@ -95,9 +96,9 @@ def _scene_flags(group: argparse._ArgumentGroup) -> None:
     add("--scale", help="fixed band values LOW,HIGH mapped to 0..255, e.g. 0,3000")
 
 
-def _scene_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
-    """`scene_tiles.convert_scene`'s scene keywords from the flags (scenes.parse_*)."""
-    from paligemma_seg.data import scenes
+def _scene_spec(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Any:
+    """The `scene_tiles.TileSpec` of the flags (scenes.parse_*)."""
+    from paligemma_seg.data import scene_tiles, scenes
 
     if args.images or args.masks or args.coco or args.classes:
         parser.error("--scene replaces --images, --masks, --coco and --classes: drop them")
@@ -108,10 +109,9 @@ def _scene_options(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         scenes.parse_pair(args.stretch, "--stretch"),
         scenes.parse_pair(args.scale, "--scale"),
     )
-    return dict(
-        mask=args.scene_mask, labels=args.scene_labels, tile=args.tile, stride=args.stride,
-        radiometry=radiometry, split=args.scene_split,
-    )  # fmt: skip
+    return scene_tiles.TileSpec(
+        args.scene_mask, args.scene_labels, args.tile, args.stride, radiometry
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.scene:
             from paligemma_seg.data import scene_tiles
 
-            scene = _scene_options(args, parser)
+            spec = _scene_spec(args, parser)
             report = scene_tiles.convert_scene(
-                args.scene, args.out, splits=splits or None, **scene, **options
-            )
+                args.scene, args.out, spec, split=args.scene_split, splits=splits or None,
+                **options,
+            )  # fmt: skip
         elif args.coco:
             files = dict(_coco_arg(text) for text in args.coco)
             if len(files) != len(args.coco):
