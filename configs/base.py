@@ -59,6 +59,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.codec.connectivity = 8  # 4 or 8: which neighbours join pixels into one part.
     c.codec.loc_rounding = "ceil"  # Box edge -> <loc>: 'ceil' (exact round trip) or 'round'.
     c.codec.label = "water"  # Text after each object's 20 tokens.
+    c.codec.refine_steps = 0  # Sweeps of decoder-optimal code search (VQVAE.refine); 0 = off.
+    c.codec.refine_candidates = 16  # Codes tried per position and sweep (nearest first; 128 = all).
 
     # --- Data (paligemma_seg.data): images + masks -> JSONL (convert CLI) -> tf.data ---
     c.data = ml_collections.ConfigDict()

@@ -4,6 +4,7 @@
         --list ../shared/data/water_bodies/test_images.txt --vqvae checkpoints/vqvae_small.npz
     python scripts/codec_ceiling.py ... --sweep            # the table used to choose the defaults
     python scripts/codec_ceiling.py ... --vqvae bilinear   # no VQ-VAE: the 64x64 crop itself
+    python scripts/codec_ceiling.py ... --refine 1:16 --refine 2:128  # + rows with refined codes
 
 The ceiling of a mask is IoU(reference mask, decode(encode(mask))); mIoU averages it over masks.
 """
@@ -94,6 +95,13 @@ def main() -> None:
         "--sweep", action="store_true", help="evaluate the option table, not one config"
     )
     parser.add_argument("--set", action="append", default=[], help="config override key=value")
+    parser.add_argument(
+        "--refine",
+        action="append",
+        default=[],
+        metavar="STEPS:CANDIDATES",
+        help="also rows with codec.refine_steps/refine_candidates (repeatable, e.g. 1:16)",
+    )
     args = parser.parse_args()
 
     base = codec.CodecConfig()
@@ -105,11 +113,19 @@ def main() -> None:
     masks = {path.name: read_mask(path) for path in list_masks(args.masks, args.list)}
     print(f"{len(masks)} masks, codec: {args.vqvae}, base config: {base}")
     options = SWEEP if args.sweep else [{}, {"whole_mask": True}]
-    columns = ("mIoU", "min", "clean%", "removed", "dropped", "obj/img", "s")
+    for item in args.refine:
+        steps, candidates = (int(v) for v in item.split(":"))
+        refined = {"refine_steps": steps, "refine_candidates": candidates}
+        options += [refined] if args.sweep else [refined, {"whole_mask": True, **refined}]
+    if model is not None:  # compile every refinement shape before the timed rows
+        for option in options:
+            evaluate(dict(list(masks.items())[:1]), dataclasses.replace(base, **option), model)
+    columns = ("mIoU", "min", "clean%", "removed", "dropped", "obj/img", "s", "masks/s")
     print(f"{'options':<40} " + " ".join(f"{c:>8}" for c in columns))
     for option in options:
         start = time.time()
         result = evaluate(masks, dataclasses.replace(base, **option), model)
+        seconds = time.time() - start
         name = ", ".join(f"{k}={v}" for k, v in option.items()) or "defaults"
         values = (
             f"{result['miou']:.4f}",
@@ -118,7 +134,8 @@ def main() -> None:
             result["removed_parts"],
             result["dropped_parts"],
             f"{result['objects_per_mask']:.2f}",
-            f"{time.time() - start:.0f}",
+            f"{seconds:.0f}",
+            f"{len(masks) / seconds:.1f}",
         )
         print(f"{name:<40} " + " ".join(f"{v:>8}" for v in values), flush=True)
 

@@ -1,5 +1,6 @@
 """Mask codec: loc tokens, text format, never-raising parser (fuzzed), clean-up, round trips."""
 
+import dataclasses
 import pathlib
 import re
 
@@ -293,3 +294,52 @@ def test_shipped_codec_round_trip_on_generated_shapes(shipped):
     assert np.mean(ceilings) > ROUND_TRIP_BAR, np.round(ceilings, 3)
     whole = codec.MaskCodec(shipped.vqvae, codec.CodecConfig(whole_mask=True))
     assert np.mean([whole.ceiling_iou(mask) for mask in masks]) > WHOLE_MASK_BAR
+
+
+def _refine_oracle(model: vqvae.VQVAE, crops: np.ndarray, codes: np.ndarray, candidates: int):
+    """One sweep of coordinate descent written out with the public decode: per position, the
+    current code, then the `candidates` codes nearest to the encoder's feature there."""
+    features = np.asarray(vqvae.encoder(model.params, crops)).reshape(len(crops), 16, -1)
+    book = np.asarray(model.params["codebook"])
+    distances = (book**2).sum(-1) - 2.0 * features @ book.T
+    nearest = np.argsort(distances, axis=-1, kind="stable")[..., :candidates]
+    codes = codes.copy()
+    for row in range(len(codes)):
+        truth = crops[row, ..., 0] > 0.5
+        for position in range(16):
+            tried = [codes[row, position], *nearest[row, position]]
+            trials = np.repeat(codes[row][None], len(tried), 0)
+            trials[:, position] = tried
+            decoded = model.decode(trials)[..., 0] > 0
+            union = (decoded | truth).sum((1, 2))
+            scores = np.where(union > 0, (decoded & truth).sum((1, 2)) / np.maximum(union, 1), 1)
+            codes[row, position] = tried[int(np.argmax(scores))]
+    return codes
+
+
+def test_refine_matches_a_written_out_coordinate_descent(shipped):
+    rng = np.random.default_rng(3)
+    objects = [codec.to_objects(shapes.random_mask(rng), codec.CodecConfig(whole_mask=True))]
+    objects += [codec.to_objects(shapes.random_mask(rng), codec.CodecConfig(whole_mask=True))]
+    crops = np.concatenate([o.crops for o in objects])
+    start = shipped.vqvae.encode(crops)
+    refined = shipped.vqvae.refine(crops, start, steps=1, candidates=4)
+    np.testing.assert_array_equal(refined, _refine_oracle(shipped.vqvae, crops, start, 4))
+
+
+def test_refine_never_lowers_the_crop_iou_and_raises_the_ceiling(shipped):
+    rng = np.random.default_rng(11)
+    masks = [shapes.random_mask(rng) for _ in range(6)]
+    crops = np.concatenate([codec.to_objects(m, shipped.config).crops for m in masks])
+    start = shipped.vqvae.encode(crops)
+    refined = shipped.vqvae.refine(crops, start, steps=1, candidates=8)
+    before = np.asarray(vqvae.crop_iou(shipped.vqvae.decode(start)[..., 0], crops[..., 0]))
+    after = np.asarray(vqvae.crop_iou(shipped.vqvae.decode(refined)[..., 0], crops[..., 0]))
+    assert (after >= before).all(), after - before
+    assert after.mean() > before.mean() + 0.005, (before.mean(), after.mean())
+    config = dataclasses.replace(shipped.config, refine_steps=1, refine_candidates=8)
+    refined_codec = codec.MaskCodec(shipped.vqvae, config)
+    encoded = refined_codec.encode(masks[0])
+    np.testing.assert_array_equal(encoded.codes, refined[: encoded.objects])  # same targets
+    plain = np.mean([shipped.ceiling_iou(m) for m in masks])
+    assert np.mean([refined_codec.ceiling_iou(m) for m in masks]) > plain, plain

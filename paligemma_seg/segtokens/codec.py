@@ -71,6 +71,8 @@ class CodecConfig:
     connectivity: int = 8  # 4 or 8: which neighbours join pixels into one part
     loc_rounding: str = "ceil"  # "ceil" (exact round trip, see module doc) or "round" (big_vision)
     label: str = "water"
+    refine_steps: int = 0  # sweeps of decoder-optimal code search after the encoder (0 = off)
+    refine_candidates: int = 16  # codes tried per position and sweep (nearest first; 128 = all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +251,15 @@ def locs_to_box(locs: np.ndarray, height: int, width: int) -> np.ndarray:
 # ---------- text
 
 
+def encode_crops(vqvae: VQVAE, crops: np.ndarray, config: CodecConfig) -> np.ndarray:
+    """Box crops float[N, 64, 64, 1] -> codes int32[N, 16]: the encoder's nearest codes, then
+    `config.refine_steps` sweeps of `VQVAE.refine` (the codes whose decoded crop fits best)."""
+    codes = vqvae.encode(crops)
+    if config.refine_steps > 0:
+        codes = vqvae.refine(crops, codes, config.refine_steps, config.refine_candidates)
+    return codes
+
+
 def format_object(locs: np.ndarray, codes: np.ndarray, label: str) -> str:
     """`<locY1><locX1><locY2><locX2><segC0>..<segC15> label` (no spaces between tokens)."""
     text = "".join(map(loc_token, locs)) + "".join(map(seg_token, codes))
@@ -366,7 +377,7 @@ class MaskCodec:
         height, width = np.asarray(mask).shape[:2]
         objects = to_objects(mask, self.config)
         locs = box_to_locs(objects.boxes, height, width, self.config.loc_rounding)
-        codes = self.vqvae.encode(objects.crops)
+        codes = encode_crops(self.vqvae, objects.crops, self.config)
         suffix = join_objects(
             [
                 format_object(loc, code, self.config.label)

@@ -175,8 +175,60 @@ def decode_codes(params: Params, codes: jax.Array) -> jax.Array:
     return decoder(params, features)
 
 
+def crop_iou(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """IoU of decoded crops (logits > 0) with true crops (> 0.5): float[..., 64, 64] -> [...].
+
+    Two empty crops agree fully (1.0)."""
+    predicted, truth = logits > 0, targets > 0.5
+    inter = jnp.sum(predicted & truth, axis=(-2, -1))
+    union = jnp.sum(predicted | truth, axis=(-2, -1))
+    return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
+
+
+def refine_codes(
+    params: Params, masks: jax.Array, codes: jax.Array, steps: int, candidates: int = NUM_CODES
+) -> jax.Array:
+    """Decoder-optimal codes: coordinate descent from `codes` on the decoded crop's IoU.
+
+    masks float[B, 64, 64, 1] in [0, 1], codes int32[B, 16] (the encoder's nearest codes) ->
+    int32[B, 16]. Each of `steps` sweeps visits the 16 positions in order; at a position, the
+    current code and `candidates` others (all 128, or the ones nearest to the encoder's feature
+    there) are decoded as one batch and the best IoU with the true crop wins (ties keep the
+    current code, so the IoU never drops). The token format is unchanged: this only picks other
+    targets, for any vae-oid-format VQ-VAE.
+    """
+    batch = codes.shape[0]
+    targets = masks[..., 0]
+    if candidates >= NUM_CODES:
+        options = jnp.broadcast_to(
+            jnp.arange(NUM_CODES, dtype=jnp.int32), (batch, TOKENS_PER_MASK, NUM_CODES)
+        )
+    else:
+        features = encoder(params, masks).reshape(batch, TOKENS_PER_MASK, CODE_DIM)
+        codebook = params["codebook"]
+        distances = jnp.sum(codebook**2, axis=-1) - 2.0 * features @ codebook.T
+        options = jnp.argsort(distances, axis=-1)[..., :candidates].astype(jnp.int32)
+    width = options.shape[-1] + 1
+
+    def visit(step: jax.Array, current: jax.Array) -> jax.Array:
+        position = step % TOKENS_PER_MASK
+        tried = jnp.concatenate([current[:, position, None], options[:, position]], axis=1)
+        at_position = jnp.arange(TOKENS_PER_MASK) == position  # [16]
+        trials = jnp.where(at_position, tried[..., None], current[:, None, :])  # [B, width, 16]
+        logits = decode_codes(params, trials.reshape(batch * width, TOKENS_PER_MASK))
+        scores = crop_iou(
+            logits[..., 0].reshape(batch, width, MASK_SIZE, MASK_SIZE), targets[:, None]
+        )
+        best = jnp.take_along_axis(tried, jnp.argmax(scores, axis=1)[:, None], axis=1)[:, 0]
+        return jnp.where(at_position, best[:, None], current)
+
+    return jax.lax.fori_loop(0, steps * TOKENS_PER_MASK, visit, codes.astype(jnp.int32))
+
+
 _encode_jit = jax.jit(encode_codes)
 _decode_jit = jax.jit(decode_codes)
+_refine_jit = jax.jit(refine_codes, static_argnames=("steps", "candidates"))
+_REFINE_DECODES = 1024  # decoder rows per refinement call: masks per call = this // (candidates+1)
 
 
 def init_params(rng: jax.Array) -> Params:
@@ -280,6 +332,33 @@ class VQVAE:
         if masks.ndim != 4 or masks.shape[1:] != (MASK_SIZE, MASK_SIZE, 1):
             raise ValueError(f"masks must be float[B, 64, 64, 1], got shape {masks.shape}")
         return self._batched(_encode_jit, masks, np.int32)
+
+    def refine(
+        self, masks: np.ndarray, codes: np.ndarray, steps: int, candidates: int = NUM_CODES
+    ) -> np.ndarray:
+        """`refine_codes` in fixed-size chunks: masks float[B, 64, 64, 1], codes int[B, 16] ->
+        int32[B, 16] whose decoded crops agree with `masks` at least as well as `codes`'."""
+        masks, codes = np.asarray(masks, np.float32), np.asarray(codes, np.int32)
+        if steps <= 0 or len(codes) == 0:
+            return codes
+        candidates = int(min(max(candidates, 1), NUM_CODES))
+        largest = max(1, _REFINE_DECODES // (candidates + 1))
+        outputs = []
+        for start in range(0, len(codes), largest):
+            chunk_masks, chunk_codes = (
+                masks[start : start + largest],
+                codes[start : start + largest],
+            )
+            count = len(chunk_codes)  # padded to 1, 4, 16 or `largest` masks: few compilations
+            size = next((b for b in (1, 4, 16) if count <= b <= largest), largest)
+            padded_masks = np.zeros((size, *masks.shape[1:]), np.float32)
+            padded_codes = np.zeros((size, TOKENS_PER_MASK), np.int32)
+            padded_masks[:count], padded_codes[:count] = chunk_masks, chunk_codes
+            refined = _refine_jit(
+                self.params, padded_masks, padded_codes, steps=steps, candidates=candidates
+            )
+            outputs.append(np.asarray(refined)[:count])
+        return np.concatenate(outputs).astype(np.int32)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """codes int[B, 16] in 0..127 -> raw logits float32[B, 64, 64, 1] (> 0 means inside)."""

@@ -139,7 +139,11 @@ class _Encoder:
         crops = np.concatenate(self.crops) if len(self.crops) > 1 else self.crops[0]
         count = min(ENCODE_BATCH, len(crops))
         self.crops, self.queued = [crops[count:]], self.queued - count
-        self.codes = np.concatenate([self.codes, _padded(self.vqvae.encode, crops[:count])])
+        codes = _padded(self.vqvae.encode, crops[:count])
+        if self.config.refine_steps > 0:  # only the real rows (the padding is not refined)
+            steps, candidates = self.config.refine_steps, self.config.refine_candidates
+            codes = self.vqvae.refine(crops[:count], codes, steps, candidates)
+        self.codes = np.concatenate([self.codes, codes])
         while self.waiting and self.waiting[0].num_objects <= len(self.codes):
             p = self.waiting.popleft()
             own, self.codes = self.codes[: p.num_objects], self.codes[p.num_objects :]

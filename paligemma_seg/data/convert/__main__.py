@@ -75,6 +75,16 @@ def _parser() -> argparse.ArgumentParser:
     add("--threshold", type=int, help="grey level above which a mask pixel is water")
     add("--max-objects", type=int, help="objects per mask, largest first")
     add("--whole-mask", action="store_true", help="one box over all water instead of one per part")
+    add(
+        "--refine-steps",
+        type=int,
+        help="sweeps of decoder-optimal code search per mask (codec.refine_steps; default 0)",
+    )
+    add(
+        "--refine-candidates",
+        type=int,
+        help="codes tried per position and sweep, nearest first (default 16; 128 = all)",
+    )
     add("--keep-suspicious", action="store_true", help="keep all / almost all water masks")
     add("--workers", type=int, help="worker processes (default: CPU cores)")
     add("--absolute-paths", action="store_true", help="absolute instead of relative JSONL paths")
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(splits) != len(args.split):
         parser.error("give each --split NAME once")
     overrides = {"label": args.label, "whole_mask": args.whole_mask}
-    for key in ("threshold", "max_objects"):
+    for key in ("threshold", "max_objects", "refine_steps", "refine_candidates"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     if not args.images and not args.scene:
