@@ -25,6 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from bench_common import cpu_model  # noqa: E402
 
 from paligemma_seg.infer import decode  # noqa: E402
 from paligemma_seg.model import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig  # noqa: E402
@@ -85,12 +86,20 @@ def main(argv: list[str] | None = None) -> int:
     tokens = args.batch * args.new_tokens
 
     # No EOS for either side: -1 never matches a token, transformers gets eos_token_id=None.
-    settings = decode.DecodeConfig(max_new_tokens=args.new_tokens, eos_id=-1)
-    fn = decode.make_decode_fn(model, settings)
-    start = time.perf_counter()
-    jax.block_until_ready(fn(params, inputs).tokens)
-    compile_s = time.perf_counter() - start
-    ours_s, ours = time_best(lambda: jax.block_until_ready(fn(params, inputs).tokens), args.repeats)
+    # Per-layer weights (the CPU default, DecodeConfig.unstack_layers) and the stacked tree.
+    timed = {}
+    for unstack in (False, True):
+        settings = decode.DecodeConfig(
+            max_new_tokens=args.new_tokens, eos_id=-1, unstack_layers=unstack
+        )
+        fn = decode.make_decode_fn(model, settings)
+        start = time.perf_counter()
+        jax.block_until_ready(fn(params, inputs).tokens)
+        compile_s = time.perf_counter() - start
+        run = lambda fn=fn: jax.block_until_ready(fn(params, inputs).tokens)
+        timed[unstack] = time_best(run, args.repeats)
+    ours_s, ours = timed[True]
+    stacked_s, stacked = timed[False]
 
     num_image = our_config().num_image_tokens
     image_ids = np.full((args.batch, num_image), LLM["vocab_size"], np.int64)
@@ -120,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {jax.devices()[0].device_kind}; torch threads: {torch.get_num_threads()}")
     print(f"batch {args.batch}, prompt {num_image} image + {args.prompt_len} text tokens")
     print(f"ours:         {ours_s * 1e3:8.1f} ms  {tokens / ours_s:9.1f} tok/s")
+    print(f"ours stacked: {stacked_s * 1e3:8.1f} ms  {tokens / stacked_s:9.1f} tok/s")
     print(f"              (compile + first call {compile_s:.1f} s, not timed)")
     print(f"transformers: {torch_s * 1e3:8.1f} ms  {tokens / torch_s:9.1f} tok/s")
     print(f"speedup: {torch_s / ours_s:.2f}x; identical tokens: {agree:.1%}")
@@ -128,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch_tok_per_s": round(tokens / torch_s, 1),
         "speedup": round(torch_s / ours_s, 2),
         "token_agreement": agree,
+        "ours_stacked_tok_per_s": round(tokens / stacked_s, 1),
+        "stacked_token_agreement": float(np.mean(np.asarray(stacked) == theirs)),
+        "cpu": cpu_model(),
         "batch": args.batch,
         "new_tokens": args.new_tokens,
     }

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -26,21 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench_common import cpu_model  # noqa: E402
+
 from paligemma_seg.train import loss as loss_lib  # noqa: E402
 
 VOCAB = 257_152  # PaliGemma's tokenizer
 GIB = 2**30
-
-
-def cpu_model() -> str:
-    """The CPU model name (/proc/cpuinfo), or the platform's processor string."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_loss(chunks: int, cap: float | None, train_table: bool):

@@ -31,27 +31,17 @@ import json
 import logging
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+from bench_common import cpu_model  # noqa: E402
+
 GIB = 2**30
 _NO_CPU_LICM = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
 GEMMA_VOCAB = 256_000
-
-
-def cpu_model() -> str:
-    """The CPU model name (/proc/cpuinfo), or the platform's processor string."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def high_water_mark() -> int:

@@ -15,7 +15,11 @@ import pytest
 import torch
 
 from paligemma_seg import model as pg
+from paligemma_seg.model import lora, quant
+from paligemma_seg.model.paligemma import unstacked_variables
+from paligemma_seg.model.projections import PROJECTIONS
 from paligemma_seg.weights import params_from_hf_state_dict
+from paligemma_seg.weights.spec import flatten, unflatten
 
 STEPS = 10
 # Prompts: left-aligned, different lengths; example 1 already holds two suffix tokens (mask_ar 1).
@@ -148,3 +152,52 @@ def test_decode_step_ignores_prompt_padding(tiny):
     _, first, _ = _run(config, params, batch)
     _, second, _ = _run(config, params, other)
     np.testing.assert_array_equal(first, second)  # Masked slots get exactly zero weight.
+
+
+def _adapted_int8(config, params, seed=7, std=0.3):
+    """params with int8 projections and random LoRA adapters on every projection (B != 0)."""
+    flat = flatten(params)
+    int8 = {k: quant.quantize(np.asarray(v), PROJECTIONS[k]) if k in PROJECTIONS else v
+            for k, v in flat.items()}  # fmt: skip
+    shapes, _ = lora.adapter_shapes(
+        {k: jax.ShapeDtypeStruct(np.shape(v), jnp.float32) for k, v in flat.items()},
+        flatten(pg.logical_axes(config)),
+        lora.LoraSettings(rank=4, alpha=8.0, targets="|".join(f"^{p}$" for p in PROJECTIONS)),
+    )
+    rng = np.random.default_rng(seed)
+    draw = lambda s: (std * rng.standard_normal(s.shape)).astype(np.float32)
+    pairs = {path: s.replace(a=draw(s.a), b=draw(s.b)) for path, s in shapes.items()}
+    return {**unflatten(int8), "lora": unflatten(pairs)}
+
+
+@pytest.mark.parametrize("adapted", [False, True], ids=["plain", "lora_int8"])
+def test_unstacked_decode_step_equals_stacked(tiny, adapted):
+    """`PaliGemma(unstacked_llm=True)` on `unstacked_variables` (per-layer weights, split gating,
+    per-layer cache; what decoding runs on CPU) gives the stacked model's logits and cache."""
+    _, _, config, params = tiny
+    if adapted:
+        params = _adapted_int8(config, params)
+    variables = lora.variables(params)
+    batch = _prompts(config)
+    model = _model(config)
+    cache_size = config.num_image_tokens + batch["text"].shape[1] + 3
+    args = (batch["image"], batch["text"], batch["mask_ar"], batch["mask_input"])
+    logits, cache = model.apply(variables, *args, cache_size=cache_size, method=model.prefill)
+    unstacked = model.clone(unstacked_llm=True)
+    split = unstacked_variables(variables, config)
+    mlp = split["params"]["llm"]["layers_1"]["mlp"]
+    if not adapted:  # (An int8 gating weight stays one Quantized leaf.)
+        assert "gating_einsum" not in mlp
+        assert mlp["gating_einsum_1"].shape == (config.llm.width, config.llm.mlp_dim)
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    step = lambda m, v, c: m.apply(v, token, c, method=m.decode_step)
+    want, want_cache = step(model, variables, cache)
+    got, got_cache = step(unstacked, split, cache.unstacked())
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    for layer in range(config.llm.depth):  # (Fusion order differs: float rounding only.)
+        for got_kv, want_kv in ((got_cache.k, want_cache.k), (got_cache.v, want_cache.v)):
+            np.testing.assert_allclose(np.asarray(got_kv[layer]), want_kv[layer], atol=1e-5)
+    assert got_cache.size == want_cache.size == cache_size
+    if adapted:  # The adapters matter: the base model alone gives other logits.
+        base = step(model, {"params": {k: v for k, v in params.items() if k != "lora"}}, cache)
+        assert np.abs(np.asarray(base[0]) - np.asarray(want)).max() > 1e-2

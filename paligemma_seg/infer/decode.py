@@ -31,6 +31,7 @@ import numpy as np
 
 from paligemma_seg.infer import grammar as grammar_lib
 from paligemma_seg.model import lora
+from paligemma_seg.model import paligemma as paligemma_lib
 
 PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input", "image_sizes")
 
@@ -44,6 +45,10 @@ class DecodeConfig:
     pad_id: int = 0
     temperature: float = 0.0  # 0 = greedy (argmax).
     top_k: int = 0  # With temperature > 0: sample among the k most likely tokens; 0 = all.
+    # Decode steps on per-layer copies of the LLM's weights and cache (`PaliGemma.unstacked_llm`):
+    # XLA:CPU copies each slice of a stacked weight before its dot, every token. The copy made
+    # once per call holds the LLM's weights twice. None = on the CPU backend only.
+    unstack_layers: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -101,6 +106,15 @@ def _decode(
         method=model.prefill,
     )
 
+    step_model, step_variables = model, lora.variables(params)
+    unstack = cfg.unstack_layers
+    if unstack is None:
+        unstack = jax.default_backend() == "cpu"
+    if unstack and isinstance(model, paligemma_lib.PaliGemma) and not model.unstacked_llm:
+        step_model = model.clone(unstacked_llm=True)
+        step_variables = paligemma_lib.unstacked_variables(step_variables, model.config)
+        cache = cache.unstacked()
+
     def choose(logits, grammar_state, rng, done):
         """Next tokens (pad where done) and the grammar state after them."""
         rng, step_rng = jax.random.split(rng)
@@ -127,7 +141,9 @@ def _decode(
 
     def body(carry):
         step, token, cache, out, done, grammar_state, rng = carry
-        logits, cache = model.apply(lora.variables(params), token, cache, method=model.decode_step)
+        logits, cache = step_model.apply(
+            step_variables, token, cache, method=step_model.decode_step
+        )
         token, grammar_state, rng = choose(logits, grammar_state, rng, done)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         done = done | (token == cfg.eos_id)

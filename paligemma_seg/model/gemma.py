@@ -21,6 +21,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from paligemma_seg.model import layers, lora
 from paligemma_seg.model.config import GemmaConfig
@@ -41,7 +42,9 @@ class AttentionInputs:
 
 @flax.struct.dataclass
 class LayerCache:
-    """Keys and values, cache_dtype[L, B, S, K, H] (inside the scan: one layer, [B, S, K, H])."""
+    """Keys and values, cache_dtype[L, B, S, K, H] (inside the scan: one layer, [B, S, K, H]).
+
+    With `Gemma(unstacked=True)`: tuples of L arrays [B, S, K, H]."""
 
     k: jax.Array
     v: jax.Array
@@ -188,10 +191,14 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        gating = layers.make_param(
-            self, "gating_einsum", _fan_in_normal(1, (0, 2)), (2, cfg.width, cfg.mlp_dim),
-            (None, "embed", "mlp"), self.param_dtype,
-        ).astype(self.dtype)  # fmt: skip
+        if self.has_variable("params", "gating_einsum_0"):  # `unstack_layers(split_gating=True)`
+            gating = [self.get_variable("params", f"gating_einsum_{i}") for i in (0, 1)]
+        else:
+            gating = layers.make_param(
+                self, "gating_einsum", _fan_in_normal(1, (0, 2)), (2, cfg.width, cfg.mlp_dim),
+                (None, "embed", "mlp"), self.param_dtype,
+            )  # fmt: skip
+        gating = [gating[0].astype(self.dtype), gating[1].astype(self.dtype)]
         linear = layers.make_param(
             self, "linear", _fan_in_normal(0, 1), (cfg.mlp_dim, cfg.width), ("mlp", "embed"),
             self.param_dtype,
@@ -257,18 +264,25 @@ class Gemma(nn.Module):
     param_dtype: Any = jnp.float32
     remat: bool = False
     scan_layers: bool = True
+    # One parameter tree per layer (`layers_0`, `layers_1`, ...: see `unstack_layers`) and a cache
+    # of per-layer arrays: a Python loop over separate weights. XLA:CPU copies every slice of a
+    # stacked weight before its dot; decoding on CPU runs this form (infer/decode.py).
+    unstacked: bool = False
 
     def setup(self) -> None:
         kw = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
         self.embedder = Embedder(**kw)
-        blocks = layers.scan_blocks(
-            Block,
-            length=self.config.depth,
-            remat=self.remat,
-            scan_layers=self.scan_layers,
-            in_axes=(0, nn.broadcast),
-        )
-        self.layers = blocks(**kw)
+        if self.unstacked:
+            self.blocks = [Block(name=f"layers_{i}", **kw) for i in range(self.config.depth)]
+        else:
+            blocks = layers.scan_blocks(
+                Block,
+                length=self.config.depth,
+                remat=self.remat,
+                scan_layers=self.scan_layers,
+                in_axes=(0, nn.broadcast),
+            )
+            self.layers = blocks(**kw)
         self.final_norm = layers.RMSNorm(
             eps=self.config.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype
         )
@@ -289,6 +303,43 @@ class Gemma(nn.Module):
         With a cache (k/v [L, B, S, K, H]) keys/values go to slots cache_index..+T and queries
         attend over all S slots (inputs.mask is [B, T, S]); without one, over the T inputs.
         """
-        layer_index = jnp.arange(self.config.depth, dtype=jnp.int32)
-        x, cache = self.layers(x.astype(self.dtype), (layer_index, cache), inputs)
+        x = x.astype(self.dtype)
+        if self.unstacked:
+            x, cache = self._run_unstacked(x, inputs, cache)
+        else:
+            layer_index = jnp.arange(self.config.depth, dtype=jnp.int32)
+            x, cache = self.layers(x, (layer_index, cache), inputs)
         return self.final_norm(x), cache
+
+    def _run_unstacked(
+        self, x: jax.Array, inputs: AttentionInputs, cache: LayerCache | None
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """The blocks one by one; a cache holds tuples of per-layer k/v [B, S, K, H]."""
+        keys, values = [], []
+        for index, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else LayerCache(k=cache.k[index], v=cache.v[index])
+            x, layer_cache = block(x, (jnp.asarray(index, jnp.int32), layer_cache), inputs)
+            if layer_cache is not None:
+                keys.append(layer_cache.k)
+                values.append(layer_cache.v)
+        return x, None if cache is None else LayerCache(k=tuple(keys), v=tuple(values))
+
+
+def unstack_layers(tree: Any, depth: int, *, split_gating: bool = False) -> Any:
+    """A variables tree of the stacked Gemma (`layers`: every leaf [L, ...]) with `layers` replaced
+    by per-layer trees `layers_0` ... `layers_{L-1}`: the tree of `Gemma(unstacked=True)`.
+
+    `tree` is the Gemma's own subtree of one collection (e.g. params['llm']). `split_gating`
+    (params only) also stores each plain `mlp/gating_einsum` [2, D, F] as two [D, F] arrays
+    `gating_einsum_0` / `_1`, so that neither half is sliced (copied) before its dot."""
+    if "layers" not in tree:
+        return tree
+    out = {key: value for key, value in tree.items() if key != "layers"}
+    for index in range(depth):
+        layer = jax.tree.map(lambda leaf, i=index: leaf[i], tree["layers"])
+        gating = layer.get("mlp", {}).get("gating_einsum") if split_gating else None
+        if isinstance(gating, jax.Array | np.ndarray):
+            mlp = {key: value for key, value in layer["mlp"].items() if key != "gating_einsum"}
+            layer["mlp"] = {**mlp, "gating_einsum_0": gating[0], "gating_einsum_1": gating[1]}
+        out[f"layers_{index}"] = layer
+    return out

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from paligemma_seg.model import layers
 from paligemma_seg.model.config import GemmaConfig, PaliGemmaConfig
-from paligemma_seg.model.gemma import AttentionInputs, Gemma, LayerCache
+from paligemma_seg.model.gemma import AttentionInputs, Gemma, LayerCache, unstack_layers
 from paligemma_seg.model.siglip import SiglipEncoder
 
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_heads", "head_dim")
@@ -32,8 +32,8 @@ class KVCache:
     prefill logits too (as big_vision does).
     """
 
-    k: jax.Array  # cache_dtype[Layers, B, S, K, H]
-    v: jax.Array  # cache_dtype[Layers, B, S, K, H]
+    k: jax.Array  # cache_dtype[Layers, B, S, K, H] (a tuple of [B, S, K, H]: `unstacked_llm`)
+    v: jax.Array  # cache_dtype[Layers, B, S, K, H] (a tuple of [B, S, K, H]: `unstacked_llm`)
     positions: jax.Array  # int32[B, S]: RoPE position of each slot's token.
     valid: jax.Array  # bool[B, S]: slot holds a real token (not padding, not yet written).
     index: jax.Array  # int32[]: next slot to write, shared by the batch.
@@ -41,7 +41,16 @@ class KVCache:
 
     @property
     def size(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[1] if isinstance(self.k, tuple) else self.k.shape[2]
+
+    def unstacked(self) -> KVCache:
+        """The same cache with per-layer k/v tuples (the form `unstacked_llm` decodes on)."""
+        if isinstance(self.k, tuple):
+            return self
+        depth = self.k.shape[0]
+        return self.replace(
+            k=tuple(self.k[i] for i in range(depth)), v=tuple(self.v[i] for i in range(depth))
+        )
 
 
 def make_attn_mask(mask_ar: jax.Array, mask_input: jax.Array) -> jax.Array:
@@ -85,6 +94,9 @@ class PaliGemma(nn.Module):
     """Image + text -> text logits (`__call__`), and cached decoding (`prefill`, `decode_step`)."""
 
     config: PaliGemmaConfig
+    # The LLM's layers as separate parameter trees and its cache as per-layer tuples (variables
+    # from `unstacked_variables`, cache from `KVCache.unstacked`): for `decode_step` on CPU.
+    unstacked_llm: bool = False
 
     def setup(self) -> None:
         cfg = self.config
@@ -95,7 +107,7 @@ class PaliGemma(nn.Module):
             scan_layers=cfg.scan_layers,
         )
         self.img = SiglipEncoder(cfg.vision, out_width=cfg.llm.width, **kw)
-        self.llm = Gemma(cfg.llm, **kw)
+        self.llm = Gemma(cfg.llm, unstacked=self.unstacked_llm, **kw)
 
     @property
     def _window(self) -> int | None:
@@ -240,8 +252,24 @@ class PaliGemma(nn.Module):
         return _constrained(zeros, zeros)
 
 
-def _constrained(k: jax.Array, v: jax.Array) -> LayerCache:
+def _constrained(k: Any, v: Any) -> LayerCache:
+    if isinstance(k, tuple):
+        each = lambda arrays: tuple(layers.constrain(a, CACHE_AXES[1:]) for a in arrays)
+        return LayerCache(k=each(k), v=each(v))
     return LayerCache(k=layers.constrain(k, CACHE_AXES), v=layers.constrain(v, CACHE_AXES))
+
+
+def unstacked_variables(variables: dict[str, Any], config: PaliGemmaConfig) -> dict[str, Any]:
+    """Flax variables of `PaliGemma(config)` (each collection's llm/layers stacked) -> those of
+    `PaliGemma(config, unstacked_llm=True)` (llm/layers_0 ...): a copy of the LLM's weights."""
+    depth = config.llm.depth
+    out = {}
+    for collection, tree in variables.items():
+        tree = dict(tree)
+        if "llm" in tree:
+            tree["llm"] = unstack_layers(tree["llm"], depth, split_gating=collection == "params")
+        out[collection] = tree
+    return out
 
 
 def _dummy_inputs(config: PaliGemmaConfig) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -1,0 +1,23 @@
+"""What every benchmark prints beside its figures: the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import platform
+
+
+def cpu_model() -> str:
+    """The CPU model name (/proc/cpuinfo), or the platform's processor string."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, object]:
+    """{"cpu": model name, "cores": usable cores}."""
+    return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0))}
