@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 from PIL import Image
+from train_fixtures import TOKENIZER
 
 from paligemma_seg.data import convert as convert_lib
 from paligemma_seg.data import images as image_io
@@ -13,6 +14,7 @@ from paligemma_seg.data import synthetic
 from paligemma_seg.data.convert import __main__ as convert_cli
 from paligemma_seg.segtokens import codec as codec_lib
 from paligemma_seg.segtokens import vqvae
+from paligemma_seg.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -319,3 +321,58 @@ def test_report_records_the_vqvae_and_tokenizer_files(tmp_path, mask_codec, monk
     missing = ["--tokenizer", str(tmp_path / "no.model")]
     assert convert_cli.main([*flags, "--out", str(tmp_path / "cli2"), *missing]) == 2
     assert f"tokenizer file {tmp_path / 'no.model'} not found" in capsys.readouterr().err
+
+
+def test_convert_resize_writes_model_resolution_images_the_pipeline_reads(tmp_path, mask_codec):
+    """--resize: each line gets `resized` {"32": "resized_32/NAME.png"}, the pixels of the training
+    resize (tf.image.resize bilinear, the oracle) rounded to uint8; the pipeline feeds those at
+    32 px and the original at any other size."""
+    import tensorflow as tf
+
+    from paligemma_seg.data import pipeline, preprocess
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for name, (height, width), mode in [("a", (50, 70), "RGB"), ("b", (97, 40), "RGBA")]:
+        pixels = rng.integers(0, 255, (height, width, 3 if mode == "RGB" else 4), np.uint8)
+        Image.fromarray(pixels, mode).save(tmp_path / "images" / f"{name}.png")
+        mask = np.zeros((height, width), np.uint8)
+        mask[5:30, 10:35] = 255
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{name}.png")
+    out = tmp_path / "out"
+    report = convert_lib.convert(
+        tmp_path / "images", tmp_path / "masks", out, codec=mask_codec, workers=2, resize=32,
+        progress=False,
+    )  # fmt: skip
+    assert report["settings"]["resize"] == 32 and report["counts"]["written"] == 2
+    rows = _jsonl(out / "all.jsonl")
+    # NAME.png, NAME the image's file name (as for the plain copies in converted_images/).
+    assert [r["resized"] for r in rows] == [
+        {"32": "resized_32/a.png.png"}, {"32": "resized_32/b.png.png"}
+    ]  # fmt: skip
+    examples = pipeline.read_jsonl(out / "all.jsonl")
+    for row, example in zip(rows, examples, strict=True):
+        original = image_io.read_image(out / row["image"]).pixels  # RGBA: its plain RGB copy
+        stored = np.asarray(Image.open(out / row["resized"]["32"]))
+        oracle = tf.image.resize(original.astype(np.float32), (32, 32), method="bilinear").numpy()
+        assert stored.shape == (32, 32, 3) and stored.dtype == np.uint8
+        assert np.abs(stored - oracle).max() <= 0.5 + 1e-3
+        assert example.image_at(32) == str(out / row["resized"]["32"])
+        assert example.image_at(64) == example.image == str(out / row["image"])
+        fed = preprocess.load_image(example.image_at(32), 32)
+        full = preprocess.load_image(example.image, 32)
+        assert np.abs(fed - full).max() <= 0.5 / 127.5 + 1e-5
+    table = pipeline.tokenize(examples, Tokenizer.load(TOKENIZER), 128, image_size=32)
+    assert list(table.images) == [e.image_at(32) for e in examples]
+    assert not list(out.glob(".convert-*"))
+
+
+def test_resized_entry_errors_name_the_fix(tmp_path):
+    from paligemma_seg.data import pipeline
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x.png")
+    line = {"image": "x.png", "prefix": "segment water", "suffix": "", "resized": {"224": "no.png"}}
+    (tmp_path / "a.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=r"a.jsonl:1: resized image .*no.png not found; convert"):
+        pipeline.read_jsonl(tmp_path / "a.jsonl")

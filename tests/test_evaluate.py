@@ -13,6 +13,7 @@ from test_predict import bucket_files, tiny_model
 from paligemma_seg import evaluate, experiment
 from paligemma_seg.infer import evaluation
 from paligemma_seg.infer import segmenter as segmenter_lib
+from paligemma_seg.segtokens import codec as codec_lib
 
 SHAPES = [(40, 50), (64, 64), (30, 90), (80, 45), (50, 50), (33, 77)]
 gs_bucket = test_predict.gs_bucket  # the fixture: a gs:// folder kept in memory
@@ -146,3 +147,42 @@ def test_run_evaluation_writes_into_a_bucket(setup, gs_bucket, tmp_path, monkeyp
     assert steps == [3, 4]
     written = json.loads(remote["eval.json"])
     assert written["step"] == 4 and written["miou"] == pytest.approx(result["miou"])
+
+
+def test_ceilings_come_from_report_json_when_it_vouches_for_them(setup, tmp_path, monkeypatch):
+    """Converted data: report.json's per-image ceilings equal the codec's own recomputation, and
+    are used only for the same codec settings and VQ-VAE file content (else recomputed)."""
+    import dataclasses
+
+    from paligemma_seg.data import convert as convert_lib
+    from paligemma_seg.data import pipeline
+
+    cfg, model, params, _, _ = setup
+    root = pathlib.Path(cfg.data.jsonl_dir)
+    codec = experiment.load_codec(cfg)
+    out = tmp_path / "converted"
+    convert_lib.convert(
+        root / "images", root / "masks", out, codec=codec, vqvae_path=cfg.codec.vqvae,
+        workers=1, progress=False,
+    )  # fmt: skip
+    examples = pipeline.read_jsonl(out / "all.jsonl")
+    stored = evaluation.stored_ceilings(str(out / "all.jsonl"), "all", examples, codec,
+                                        cfg.codec.vqvae)  # fmt: skip
+    truths = [evaluation._truth(e) for e in examples]
+    assert stored == pytest.approx([codec.ceiling_iou(t) for t in truths], abs=1e-6)
+    assert len(stored) == len(SHAPES) and min(stored) < 1.0  # not a trivial all-ones list
+    other_settings = codec_lib.MaskCodec(
+        codec.vqvae, dataclasses.replace(codec.config, max_objects=1)
+    )
+    assert evaluation.stored_ceilings(
+        str(out / "all.jsonl"), "all", examples, other_settings, cfg.codec.vqvae
+    ) is None  # fmt: skip
+    other_file = tmp_path / "other.npz"
+    other_file.write_bytes(pathlib.Path(cfg.codec.vqvae).read_bytes() + b"\0")
+    assert evaluation.stored_ceilings(
+        str(out / "all.jsonl"), "all", examples, codec, str(other_file)
+    ) is None  # fmt: skip
+    (out / "report.json").unlink()
+    assert evaluation.stored_ceilings(
+        str(out / "all.jsonl"), "all", examples, codec, cfg.codec.vqvae
+    ) is None  # fmt: skip

@@ -158,6 +158,7 @@ class Prepared:
     objects: Any = None  # segtokens.codec.Objects
     reference_bits: np.ndarray | None = None  # np.packbits of the ground truth (ceiling only)
     image_path: str | None = None  # what the JSONL points to
+    resized_path: str | None = None  # the image pre-resized to `resize` px (convert --resize)
     # Multi-class data (data.multiclass): each object's label, the index mask (ceiling only),
     # where it was written, per-class counts and the annotations left out (with the reason).
     labels: tuple[str, ...] | None = None
@@ -251,11 +252,51 @@ def _read(pair: Pair) -> tuple[Any, np.ndarray | None, Any, str | None]:
     return image, pixels, mask, None
 
 
+RESIZED_PREFIX = "resized_"
+
+
+def resized_dir(size: int) -> str:
+    """The output folder of images pre-resized to `size` px (convert --resize): resized_SIZE."""
+    return f"{RESIZED_PREFIX}{size}"
+
+
+def write_resized(image_path: str, name: str, size: int, staging: str, final: str) -> str:
+    """Saves the image at `image_path` resized as the training pipeline resizes it
+    (`preprocess.resized_pixels`) as resized_SIZE/NAME.png beside `staging` (the converted-images
+    folder, as in `plain_image_path`); -> its path beside `final`."""
+    from paligemma_seg.data import preprocess  # TensorFlow: only in workers that resize
+
+    pixels = preprocess.resized_pixels(image_io.read_image(image_path).pixels, size)
+    folder = os.path.join(os.path.dirname(staging), resized_dir(size))
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(pixels).save(os.path.join(folder, name + ".png"))
+    return os.path.join(os.path.dirname(final), resized_dir(size), name + ".png")
+
+
 def prepare(
-    pair: Pair, config: Any, staging: str, final: str, keep_suspicious: bool, ceiling: bool
+    pair: Pair,
+    config: Any,
+    staging: str,
+    final: str,
+    keep_suspicious: bool,
+    ceiling: bool,
+    resize: int = 0,
 ) -> Prepared:
     """Reads and checks one pair, cuts its mask into objects (CodecConfig `config`) and saves a
-    plain copy of an odd image in `staging` (which becomes `final` at the end)."""
+    plain copy of an odd image in `staging` (which becomes `final` at the end); with `resize`
+    also the image at the model resolution (`write_resized`)."""
+    prepared = _prepare(pair, config, staging, final, keep_suspicious, ceiling)
+    if resize and prepared.problem is None:
+        source = prepared.image_path  # the image, or its plain copy (still in `staging`)
+        if os.path.dirname(source) == final:
+            source = os.path.join(staging, os.path.basename(source))
+        prepared.resized_path = write_resized(source, pair.name, resize, staging, final)
+    return prepared
+
+
+def _prepare(
+    pair: Pair, config: Any, staging: str, final: str, keep_suspicious: bool, ceiling: bool
+) -> Prepared:
     from paligemma_seg.segtokens import codec  # here, not at the top: the parent may not need it
 
     if pair.problem:

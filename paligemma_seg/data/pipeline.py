@@ -48,6 +48,12 @@ class Example:
     source: str  # "file.jsonl:LINE", for error messages.
     classes: tuple[str, ...] | None = None  # multi-class lines: the labels of the index mask
     coco_image_id: int | None = None  # COCO lines: the image's id in the annotation file
+    # (size, absolute path) of the image pre-resized to size x size (`convert --resize`).
+    resized: tuple[tuple[int, str], ...] = ()
+
+    def image_at(self, size: int) -> str:
+        """The file to feed the model at `size` px: the pre-resized image if there is one."""
+        return dict(self.resized).get(size, self.image)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +84,7 @@ def _example(record: Any, base: str, where: str) -> Example:
     if problem:
         raise ValueError(problem)
     mask, classes = record.get("mask"), record.get("classes")
+    resized = _resized(record.get("resized") or {}, base)
     return Example(
         image=image,
         prefix=prefix,
@@ -86,7 +93,26 @@ def _example(record: Any, base: str, where: str) -> Example:
         source=where,
         classes=tuple(str(c) for c in classes) if classes else None,
         coco_image_id=record.get("coco_image_id"),
+        resized=resized,
     )
+
+
+def _resized(entry: Any, base: str) -> tuple[tuple[int, str], ...]:
+    """A line's `resized` {"224": path} -> ((224, absolute path),); ValueError if malformed."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"'resized' must map sizes to image paths, got {entry!r}")
+    out = []
+    for size, path in entry.items():
+        if not str(size).isdigit():
+            raise ValueError(f"'resized' key {size!r} is not a size in px (e.g. \"224\")")
+        full = os.path.join(base, str(path))
+        if not os.path.isfile(full):
+            raise ValueError(
+                f"resized image {full} not found; convert again with --resize {size}, or drop "
+                "the line's 'resized' entry"
+            )
+        out.append((int(size), full))
+    return tuple(out)
 
 
 def read_jsonl(path: str | os.PathLike, skip_bad_lines: bool = False) -> list[Example]:
@@ -154,8 +180,13 @@ def mix(sources: Sequence[Sequence[Example]], weights: Sequence[float], seed: in
     return [source[int(i)] for source, picks in zip(sources, chosen, strict=True) for i in picks]
 
 
-def tokenize(examples: Sequence[Example], tokenizer: Any, seq_len: int) -> TokenTable:
-    """Tokenizes every example once (fixed length `seq_len`); see `tokenizer.tokenize_example`."""
+def tokenize(
+    examples: Sequence[Example], tokenizer: Any, seq_len: int, image_size: int | None = None
+) -> TokenTable:
+    """Tokenizes every example once (fixed length `seq_len`); see `tokenizer.tokenize_example`.
+
+    The table's images are those to feed at `image_size` px (`Example.image_at`): pre-resized
+    images where the JSONL has them, else the originals (also when `image_size` is None)."""
     rows = {key: [] for key in TEXT_KEYS}
     dropped = 0
     for example in examples:
@@ -169,8 +200,11 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, seq_len: int) -> Token
             rows[key].append(getattr(tokens, key))
         dropped += tokens.dropped_objects
     arrays = {key: np.stack(value).astype(np.int32) for key, value in rows.items()}
+    at = lambda e: e.image if image_size is None else e.image_at(image_size)
     return TokenTable(
-        images=np.array([e.image for e in examples]), dropped_objects=dropped, **arrays
+        images=np.array([at(e) for e in examples]),
+        dropped_objects=dropped,
+        **arrays,
     )
 
 

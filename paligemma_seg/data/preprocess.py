@@ -18,10 +18,22 @@ for _kind in ("GPU", "TPU"):
         pass
 
 
+def _resize(pixels: tf.Tensor, size: int) -> tf.Tensor:
+    return tf.image.resize(tf.cast(pixels, tf.float32), (size, size), method="bilinear")
+
+
 def normalize(pixels: tf.Tensor, size: int) -> tf.Tensor:
     """uint8 (or float 0..255) [H, W, 3] -> float32[size, size, 3] in [-1, 1]."""
-    resized = tf.image.resize(tf.cast(pixels, tf.float32), (size, size), method="bilinear")
-    return resized / 127.5 - 1.0
+    return _resize(pixels, size) / 127.5 - 1.0
+
+
+def resized_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
+    """uint8[H, W, 3] -> uint8[size, size, 3]: `normalize`'s resize, rounded to the nearest level.
+
+    What `data.convert --resize` stores: `normalize` of it differs from `normalize` of the
+    original by at most 0.5 / 127.5 (the rounding); the resize of a `size` image is the identity."""
+    resized = _resize(pixels, size).numpy()
+    return np.clip(np.round(resized), 0, 255).astype(np.uint8)
 
 
 def from_bytes(data: tf.Tensor, size: int) -> tf.Tensor:

@@ -22,6 +22,8 @@ The CLI is `python -m paligemma_seg.evaluate`; training calls this every `eval_s
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -40,8 +42,9 @@ from paligemma_seg.infer import segmenter as segmenter_lib
 from paligemma_seg.segtokens import codec as codec_lib
 
 
-def _examples(cfg: ml_collections.ConfigDict, split: str) -> list[Any]:
-    """The split's JSONL examples (converted first if missing), at most eval.max_examples."""
+def _examples(cfg: ml_collections.ConfigDict, split: str) -> tuple[list[Any], str]:
+    """(the split's JSONL examples, at most eval.max_examples; the JSONL's path), converted
+    first if missing."""
     from paligemma_seg.data import pipeline
 
     path = prepare.split_jsonl(cfg, split)
@@ -55,7 +58,42 @@ def _examples(cfg: ml_collections.ConfigDict, split: str) -> list[Any]:
             "needs the ground-truth mask files: re-run the convert CLI."
         )
     limit = int(cfg.eval.max_examples)
-    return examples[:limit] if limit > 0 else examples
+    return (examples[:limit] if limit > 0 else examples), path
+
+
+def stored_ceilings(
+    jsonl: str, split: str, examples: list[Any], codec: Any, vqvae_path: str
+) -> list[float] | None:
+    """Each example's ceiling IoU as convert measured it (report.json beside the JSONL), or None
+    when the report cannot vouch for them: missing or unreadable, measured with another codec
+    configuration or VQ-VAE file content, without ceilings (--no-ceiling), multi-class lines
+    (their per-class ceilings are computed here), or entries that do not line up with the lines.
+
+    The report's value is IoU(decoded suffix, reference mask) of the line's own suffix, the
+    same number `codec.ceiling_iou` recomputes (rounded to 6 decimals)."""
+    from paligemma_seg.data import convert
+
+    try:
+        with open(os.path.join(os.path.dirname(jsonl), "report.json")) as f:
+            report = json.load(f)
+        settings, entries = report["settings"], report["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    made = settings.get("vqvae") or {}
+    if settings.get("codec") != dataclasses.asdict(codec.config) or not made.get("sha256"):
+        return None
+    if not os.path.isfile(vqvae_path) or convert.file_sha256(vqvae_path) != made["sha256"]:
+        return None
+    rows = [e for e in entries if e.get("split") == split and e.get("problem") is None]
+    if len(rows) < len(examples) or any(e.classes for e in examples):
+        return None
+    values = []
+    for example, row in zip(examples, rows, strict=False):
+        shown = os.path.basename(example.image)  # the image, or its plain copy NAME.png
+        if row.get("ceiling_iou") is None or shown not in (row["image"], row["image"] + ".png"):
+            return None
+        values.append(float(row["ceiling_iou"]))
+    return values
 
 
 def _display_path(path: str) -> str:
@@ -137,10 +175,28 @@ def _truth(example: Any) -> np.ndarray:
     return images_lib.read_mask(example.mask).pixels
 
 
-def _decode_chunk(segmenter: segmenter_lib.Segmenter, chunk: list[Any]) -> tuple[list, list]:
-    """(ground truths, predictions at their sizes) of a batch of examples."""
-    truths = [_truth(e) for e in chunk]
-    inputs = np.stack([preprocess.load_image(e.image, segmenter.image_size) for e in chunk])
+def _reader_threads() -> int:
+    """Threads that read evaluation images and masks: the usable cores, at least 2."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(2, cores or 1)
+
+
+def _read_chunk(
+    pool: concurrent.futures.Executor, chunk: list[Any], size: int
+) -> tuple[list, np.ndarray]:
+    """(ground truths, model inputs [B, size, size, 3]) of a batch of examples, read in `pool`'s
+    threads (PIL and TensorFlow decode without the GIL); pre-resized images where the JSONL has
+    them (`Example.image_at`)."""
+    truths = pool.map(_truth, chunk)
+    inputs = pool.map(lambda e: preprocess.load_image(e.image_at(size), size), chunk)
+    return list(truths), np.stack(list(inputs))
+
+
+def _decode_chunk(
+    segmenter: segmenter_lib.Segmenter, chunk: list[Any], read: tuple[list, np.ndarray]
+) -> tuple[list, list]:
+    """(ground truths, predictions at their sizes) of a batch of examples, read by `_read_chunk`."""
+    truths, inputs = read
     asked = [_prompts(segmenter.cfg, e) for e in chunk]
     answers: list[list[Any]] = [[] for _ in chunk]
     for prompt in sorted({p for prompts in asked for p in prompts}):  # few prompts per dataset
@@ -158,9 +214,11 @@ def _score(
     truth: Any,
     prediction: Any,
     classes: metrics.ClassIoU | None = None,
+    ceiling: float | None = None,
 ) -> dict[str, Any]:
     """Adds one image to `accumulator` (and, for multi-class lines, each class to `classes`);
-    returns its eval_examples.jsonl record."""
+    returns its eval_examples.jsonl record. `ceiling`: the codec's ceiling IoU on this image
+    when known (`stored_ceilings`); None = computed here."""
     from paligemma_seg.data.classes import IGNORE
 
     gt_objects = len(codec_lib.parse_suffix(example.suffix))
@@ -173,10 +231,10 @@ def _score(
             label: classes.add(label, prediction.class_mask(label) & scored, truth == k)
             for k, label in enumerate(example.classes, start=1)
         }
-        ceiling = _class_ceiling(codec, truth, example.classes)
+        ceiling = _class_ceiling(codec, truth, example.classes) if ceiling is None else ceiling
     else:
         gt, predicted = codec.reference_mask(truth), prediction.mask
-        ceiling = codec.ceiling_iou(truth)
+        ceiling = codec.ceiling_iou(truth) if ceiling is None else ceiling
     iou = accumulator.add(predicted, gt, prediction.valid, prediction.objects, gt_objects)
     return {
         "image": _display_path(example.image),
@@ -272,30 +330,50 @@ def run_evaluation(
     Returns the eval.json dict.
     """
     start = time.perf_counter()
-    examples = _examples(cfg, split)
+    examples, jsonl = _examples(cfg, split)
     segmenter = segmenter_lib.Segmenter(cfg, model, params)
+    ceilings = stored_ceilings(jsonl, split, examples, segmenter.codec, cfg.codec.vqvae)
+    logging.info(
+        "eval %s: codec ceilings %s", split,
+        "from report.json" if ceilings else "computed (report.json cannot vouch for them)",
+    )  # fmt: skip
     accumulator = metrics.SegmentationMetrics()
     labels = next((e.classes for e in examples if e.classes), None)
     classes = metrics.ClassIoU(tuple(labels)) if labels else None
     instances = metrics.InstanceAP(list(labels or ()))
     records, sheet_rows = [], []
     decode_seconds = 0.0
-    for first in range(0, len(examples), segmenter.batch_size):
-        chunk = examples[first : first + segmenter.batch_size]
-        tick = time.perf_counter()
-        truths, predictions = _decode_chunk(segmenter, chunk)
-        decode_seconds += time.perf_counter() - tick
-        for example, truth, prediction in zip(chunk, truths, predictions, strict=True):
-            record = _score(segmenter.codec, accumulator, example, truth, prediction, classes)
-            records.append(record)
-            gt_masks, gt_labels, crowd = _instances(cfg, split, segmenter.codec, example, truth)
-            instances.add(
-                gt_masks, gt_labels, prediction.object_masks, prediction.labels,
-                prediction.boxes, crowd, shape=truth.shape[:2],
-            )  # fmt: skip
-            if len(sheet_rows) < int(cfg.eval.contact_sheet_rows):
-                gt = (truth > 0) if example.classes else segmenter.codec.reference_mask(truth)
-                sheet_rows.append((example.image, gt, prediction, record["iou"]))
+    size, step_rows = segmenter.image_size, segmenter.batch_size
+    chunks = [examples[i : i + step_rows] for i in range(0, len(examples), step_rows)]
+    with (
+        concurrent.futures.ThreadPoolExecutor(_reader_threads()) as pool,
+        concurrent.futures.ThreadPoolExecutor(1) as prefetch,
+    ):
+        # The next chunk's files are read (in `pool`) while this one decodes on the device.
+        read_ahead = lambda i: prefetch.submit(_read_chunk, pool, chunks[i], size)
+        ahead = read_ahead(0) if chunks else None
+        for index, chunk in enumerate(chunks):
+            read = ahead.result()
+            ahead = read_ahead(index + 1) if index + 1 < len(chunks) else None
+            tick = time.perf_counter()
+            truths, predictions = _decode_chunk(segmenter, chunk, read)
+            decode_seconds += time.perf_counter() - tick
+            stored = [None] * len(chunk) if ceilings is None else ceilings[index * step_rows :]
+            for example, truth, prediction, ceiling in zip(
+                chunk, truths, predictions, stored[: len(chunk)], strict=True
+            ):
+                record = _score(
+                    segmenter.codec, accumulator, example, truth, prediction, classes, ceiling
+                )
+                records.append(record)
+                gt_masks, gt_labels, crowd = _instances(cfg, split, segmenter.codec, example, truth)
+                instances.add(
+                    gt_masks, gt_labels, prediction.object_masks, prediction.labels,
+                    prediction.boxes, crowd, shape=truth.shape[:2],
+                )  # fmt: skip
+                if len(sheet_rows) < int(cfg.eval.contact_sheet_rows):
+                    gt = (truth > 0) if example.classes else segmenter.codec.reference_mask(truth)
+                    sheet_rows.append((example.image, gt, prediction, record["iou"]))
     result = {
         "split": split,
         "step": step,

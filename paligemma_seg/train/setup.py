@@ -125,16 +125,17 @@ class Setup:
 
 
 def _load_tables(
-    cfg: ml_collections.ConfigDict, tokenizer: Any
+    cfg: ml_collections.ConfigDict, tokenizer: Any, image_size: int
 ) -> tuple[pipeline.TokenTable, pipeline.TokenTable | None]:
-    """Tokenized train (and validation, if val_steps > 0) splits; converts the data if needed."""
+    """Tokenized train (and validation, if val_steps > 0) splits; converts the data if needed.
+    Images pre-resized to `image_size` (convert --resize) are used where the JSONL has them."""
     wanted = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.val_steps > 0 else [])
     paths = prepare.prepare_data(cfg, tuple(dict.fromkeys(wanted)))
     _train_data(cfg, read=True)  # The hash of what is trained on, for checkpoint_meta.
     tables = {}
     for split, path in paths.items():
         examples = prepare.split_examples(cfg, path, train=split == cfg.data.train_split)
-        tables[split] = pipeline.tokenize(examples, tokenizer, cfg.seq_len)
+        tables[split] = pipeline.tokenize(examples, tokenizer, cfg.seq_len, image_size)
         if tables[split].dropped_objects:
             logging.warning(
                 "%s: %d objects did not fit seq_len=%d and were dropped",
@@ -148,9 +149,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Setup:
     """Mesh, plan, data tables and the (restored or fresh) state of a run in `workdir`."""
     tokenizer = experiment.load_tokenizer(cfg)  # Missing files fail first, before any work.
     experiment.check_init(cfg)
-    train_table, val_table = _load_tables(cfg, tokenizer)
     mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     plan = make_plan(cfg, mesh)
+    train_table, val_table = _load_tables(cfg, tokenizer, plan.model.config.vision.image_size)
     sharding.log_table(plan.table, mesh)
     _log_sizes(plan)
     checkpointer = checkpoint.Checkpointer(

@@ -286,10 +286,12 @@ def _class_summary(entries: list[dict]) -> dict[str, dict]:
 
 
 def _publish(staging: pathlib.Path, out: pathlib.Path, texts: dict[str, str]) -> None:
-    """Writes `texts` into `staging`, then renames: converted images, JSONL files, report.json."""
+    """Writes `texts` into `staging`, then renames: converted and resized images, index masks,
+    JSONL files, report.json."""
     for name, text in texts.items():
         (staging / name).write_text(text)
-    for folder in (CONVERTED_DIR, MASKS_DIR):
+    resized = sorted(p.name for p in staging.glob(pairs.RESIZED_PREFIX + "*") if p.is_dir())
+    for folder in (CONVERTED_DIR, MASKS_DIR, *resized):
         converted = sorted((staging / folder).iterdir()) if (staging / folder).is_dir() else []
         if converted:
             (out / folder).mkdir(exist_ok=True)
@@ -358,6 +360,7 @@ def convert(
     vqvae_path: PathLike | None = None,
     tokenizer_path: PathLike | None = None,
     extra_settings: Mapping[str, Any] | None = None,
+    resize: int = 0,
 ) -> dict:
     """Converts a data set as the module docstring says and returns the report it writes.
 
@@ -366,7 +369,9 @@ def convert(
     vqvae_path: the file `codec`'s VQ-VAE was loaded from (default: DEFAULT_CODEC's file when
     `codec` is None, else unknown: null); tokenizer_path: the tokenizer the data is meant for
     (default null). Both are only recorded in report.json, with their sha256. extra_settings:
-    more entries for report.json's settings (e.g. `scene`, from `data.scene_tiles`).
+    more entries for report.json's settings (e.g. `scene`, from `data.scene_tiles`). resize: also
+    write each image resized to the model resolution (resized_SIZE/, the JSONL's `resized`), so
+    that training reads small PNGs instead of decoding full-size images every step.
     """
     listing = find_pairs(images, masks, splits)
     sources = {
@@ -378,6 +383,7 @@ def convert(
         listing, out, list(splits) if splits else ["all"], sources, prefix=prefix, codec=codec,
         keep_suspicious=keep_suspicious, workers=workers, absolute_paths=absolute_paths,
         ceiling=ceiling, progress=progress, vqvae_path=vqvae_path, tokenizer_path=tokenizer_path,
+        resize=resize,
     )  # fmt: skip
 
 
@@ -443,7 +449,10 @@ def _convert_listing(
     vqvae_path: PathLike | None = None,
     tokenizer_path: PathLike | None = None,
     problems: list[dict] | None = None,
+    resize: int = 0,
 ) -> dict:
+    if resize < 0:
+        raise ValueError(f"resize={resize}: give the model resolution in px (e.g. 224), or 0")
     out_dir = pathlib.Path(out).resolve()
     if codec is None:
         vqvae_path = vqvae_path or find_codec_file()
@@ -468,6 +477,7 @@ def _convert_listing(
             final=str(out_dir / CONVERTED_DIR),
             keep_suspicious=keep_suspicious,
             ceiling=ceiling,
+            resize=resize,
         ) as prepared:
             shown = {"total": len(listing.pairs), "unit": "pair", "desc": "converting"}
             bar = tqdm(prepared, **shown, disable=not progress, leave=False)
@@ -475,7 +485,7 @@ def _convert_listing(
                 entries.append(p.entry(iou))
                 if p.problem is None:
                     lines[p.pair.split].append(
-                        _jsonl_line(p, prefix, suffix, out_dir, absolute_paths)
+                        _jsonl_line(p, prefix, suffix, out_dir, absolute_paths, resize)
                     )
         settings = {
             **sources,
@@ -483,6 +493,7 @@ def _convert_listing(
             "codec": dataclasses.asdict(mask_codec.config),
             "keep_suspicious": keep_suspicious,
             "absolute_paths": absolute_paths,
+            "resize": resize or None,
             **files,
         }
         report = _report(entries, split_names, listing, settings, problems)
@@ -495,12 +506,14 @@ def _convert_listing(
 
 
 def _jsonl_line(
-    p: Prepared, prefix: str, suffix: str, out_dir: pathlib.Path, absolute: bool
+    p: Prepared, prefix: str, suffix: str, out_dir: pathlib.Path, absolute: bool, resize: int
 ) -> str:
     def where(path: str) -> str:
         return path if absolute else os.path.relpath(path, out_dir)
 
     row = {"image": where(p.image_path), "prefix": prefix, "suffix": suffix}
+    if p.resized_path:  # {size: path}; the pipeline reads it at that resolution (data.pipeline)
+        row["resized"] = {str(resize): where(p.resized_path)}
     if p.pair.multiclass:  # the index mask evaluation reads, and the classes its values name
         row["mask"] = where(p.index_path)
         row["classes"] = list(p.pair.classes.labels)

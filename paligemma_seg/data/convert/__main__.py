@@ -89,6 +89,15 @@ def _parser() -> argparse.ArgumentParser:
     add("--workers", type=int, help="worker processes (default: CPU cores)")
     add("--absolute-paths", action="store_true", help="absolute instead of relative JSONL paths")
     add("--no-ceiling", action="store_true", help="skip the ceiling IoU (faster)")
+    add(
+        "--resize",
+        type=int,
+        default=0,
+        metavar="PX",
+        help="also write every image resized to the model resolution (e.g. 224) as the training "
+        "pipeline resizes it, in resized_PX/; training and evaluation at that resolution read "
+        "these small PNGs instead of decoding the full-size images",
+    )
     _scene_flags(parser.add_argument_group("scenes (data.scene_tiles; needs the geo extra)"))
     return parser
 
@@ -152,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             absolute_paths=args.absolute_paths,
             ceiling=not args.no_ceiling,
             progress=sys.stderr.isatty(),
+            resize=args.resize,
         )
         if args.prefix is not None:
             options["prefix"] = args.prefix
