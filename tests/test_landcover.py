@@ -21,7 +21,7 @@ from paligemma_seg.segtokens import codec as codec_lib
 def test_landcover_tiny_short_run_reports_per_class_iou(tmp_path):
     tiles = tmp_path / "tiles"
     flags = {
-        "total_steps": 40, "val_steps": 20, "ckpt_steps": 0, "log_steps": 10,
+        "total_steps": 40, "val_steps": 20, "ckpt_steps": 0, "log_steps": 10, "batch_size": 8,
         "data.synthetic.num_images": 200, "data.images": tiles / "images",
         "data.masks": tiles / "masks", "data.splits.train": tiles / "train_images.txt",
         "data.splits.test": tiles / "test_images.txt", "data.jsonl_dir": tmp_path / "jsonl",

@@ -34,6 +34,7 @@ from paligemma_seg.model import lora
 from paligemma_seg.model import paligemma as paligemma_lib
 
 PROMPT_KEYS = ("image", "text", "mask_ar", "mask_input", "image_sizes")
+UNSTACK_MAX_BYTES = 1 << 30  # DecodeConfig.unstack_layers=None: the largest LLM layers copied.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,8 @@ class DecodeConfig:
     top_k: int = 0  # With temperature > 0: sample among the k most likely tokens; 0 = all.
     # Decode steps on per-layer copies of the LLM's weights and cache (`PaliGemma.unstacked_llm`):
     # XLA:CPU copies each slice of a stacked weight before its dot, every token. The copy made
-    # once per call holds the LLM's weights twice. None = on the CPU backend only.
+    # once per call holds the LLM's layer weights twice. None = on the CPU backend when those
+    # weights take at most UNSTACK_MAX_BYTES (a 3B model on CPU keeps one copy).
     unstack_layers: bool | None = None
 
     def __post_init__(self) -> None:
@@ -109,7 +111,9 @@ def _decode(
     step_model, step_variables = model, lora.variables(params)
     unstack = cfg.unstack_layers
     if unstack is None:
-        unstack = jax.default_backend() == "cpu"
+        layers = params.get("llm", {}).get("layers", {})
+        size = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(layers))
+        unstack = jax.default_backend() == "cpu" and size <= UNSTACK_MAX_BYTES
     if unstack and isinstance(model, paligemma_lib.PaliGemma) and not model.unstacked_llm:
         step_model = model.clone(unstacked_llm=True)
         step_variables = paligemma_lib.unstacked_variables(step_variables, model.config)
