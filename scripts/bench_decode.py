@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from bench_common import cpu_model  # noqa: E402
+from bench_common import machine  # noqa: E402
 
 from paligemma_seg.infer import decode  # noqa: E402
 from paligemma_seg.model import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig  # noqa: E402
@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         "token_agreement": agree,
         "ours_stacked_tok_per_s": round(tokens / stacked_s, 1),
         "stacked_token_agreement": float(np.mean(np.asarray(stacked) == theirs)),
-        "cpu": cpu_model(),
         "batch": args.batch,
         "new_tokens": args.new_tokens,
+        **machine(),
     }
     print(json.dumps(summary))
     return 0
