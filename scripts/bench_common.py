@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import platform
@@ -21,3 +22,8 @@ def cpu_model() -> str:
 def machine() -> dict[str, object]:
     """{"cpu": model name, "cores": usable cores}."""
     return {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0))}
+
+
+def print_summary(summary: dict[str, object]) -> None:
+    """A benchmark's last line: its figures and the machine (`machine`) as one JSON object."""
+    print(json.dumps({**summary, **machine()}))

@@ -14,7 +14,6 @@ tokens of both are compared (they should agree). The last line is one JSON objec
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from bench_common import machine  # noqa: E402
+from bench_common import print_summary  # noqa: E402
 
 from paligemma_seg.infer import decode  # noqa: E402
 from paligemma_seg.model import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig  # noqa: E402
@@ -133,18 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"              (compile + first call {compile_s:.1f} s, not timed)")
     print(f"transformers: {torch_s * 1e3:8.1f} ms  {tokens / torch_s:9.1f} tok/s")
     print(f"speedup: {torch_s / ours_s:.2f}x; identical tokens: {agree:.1%}")
-    summary = {
-        "ours_tok_per_s": round(tokens / ours_s, 1),
-        "torch_tok_per_s": round(tokens / torch_s, 1),
-        "speedup": round(torch_s / ours_s, 2),
-        "token_agreement": agree,
-        "ours_stacked_tok_per_s": round(tokens / stacked_s, 1),
-        "stacked_token_agreement": float(np.mean(np.asarray(stacked) == theirs)),
-        "batch": args.batch,
-        "new_tokens": args.new_tokens,
-        **machine(),
-    }
-    print(json.dumps(summary))
+    print_summary(
+        {
+            "ours_tok_per_s": round(tokens / ours_s, 1),
+            "torch_tok_per_s": round(tokens / torch_s, 1),
+            "speedup": round(torch_s / ours_s, 2),
+            "token_agreement": agree,
+            "ours_stacked_tok_per_s": round(tokens / stacked_s, 1),
+            "stacked_token_agreement": float(np.mean(np.asarray(stacked) == theirs)),
+            "batch": args.batch,
+            "new_tokens": args.new_tokens,
+        }
+    )
     return 0
 
 

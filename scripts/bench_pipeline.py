@@ -18,7 +18,6 @@ the PaliGemma 2 3B's parameters. The last line is JSON: {"resized_examples_per_s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -29,7 +28,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_common import machine  # noqa: E402
+from bench_common import machine, print_summary  # noqa: E402
 
 from paligemma_seg.data import convert as convert_lib  # noqa: E402
 from paligemma_seg.data import pipeline  # noqa: E402
@@ -94,18 +93,18 @@ def main(argv: list[str] | None = None) -> int:
         f"H100 step estimate: {demand:.1f} examples/s ({args.params:.3g} params, {image_tokens} + "
         f"{args.text_tokens} tokens, MFU {args.mfu:.0%} of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s)"
     )
-    summary = {
-        "resized_examples_per_s": round(best["resized"], 1),
-        "full_size_examples_per_s": round(best["full_size"], 1),
-        "h100_step_examples_per_s": round(demand, 1),
-        "resized_ratio": round(best["resized"] / demand, 2),
-        "full_size_ratio": round(best["full_size"] / demand, 2),
-        "resized_speedup": round(best["resized"] / best["full_size"], 2),
-        "size": args.size,
-        "batch": args.batch,
-        **machine(),
-    }
-    print(json.dumps(summary))
+    print_summary(
+        {
+            "resized_examples_per_s": round(best["resized"], 1),
+            "full_size_examples_per_s": round(best["full_size"], 1),
+            "h100_step_examples_per_s": round(demand, 1),
+            "resized_ratio": round(best["resized"] / demand, 2),
+            "full_size_ratio": round(best["full_size"] / demand, 2),
+            "resized_speedup": round(best["resized"] / best["full_size"], 2),
+            "size": args.size,
+            "batch": args.batch,
+        }
+    )
     return 0
 
 
