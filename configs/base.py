@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: each epoch is a seeded permutation of all examples (indices only, so any value > 0
     # shuffles fully); 0 = file order.
     c.data.shuffle_buffer = 50_000
+    # > 0: the automatic convert also writes every image resized to this many px (resized_PX/ in
+    # data.jsonl_dir); runs at that model resolution read those instead of decoding full-size
+    # images every step (convert --resize). 0 = off.
+    c.data.resize = 0
     c.data.num_parallel_calls = 4  # tf.data threads that decode and resize images.
     c.data.prefetch = 2  # Batches prepared ahead of the train step.
     c.data.synthetic = ml_collections.ConfigDict()  # Generated tiles (data/synthetic/).

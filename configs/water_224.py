@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer = "checkpoints/paligemma_tokenizer.model"
     c.codec.vqvae = "checkpoints/vae-oid.npz"
     c.data.jsonl_dir = "data/water_jsonl_vaeoid"  # Suffixes hold vae-oid codes.
+    c.data.resize = 224  # Small PNGs at the model resolution: no full-size JPEG decode per step.
     c.optim.name = "sgd"
     c.optim.lr = 0.003
     c.optim.trainable = "attn"

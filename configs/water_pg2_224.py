@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer = "checkpoints/paligemma_tokenizer.model"
     c.codec.vqvae = "checkpoints/vae-oid.npz"
     c.data.jsonl_dir = "data/water_jsonl_vaeoid"
+    c.data.resize = 224  # Small PNGs at the model resolution: no full-size JPEG decode per step.
     c.optim.trainable = "attn"
     c.loss.normalize = "example"  # big_vision's: each example's mean, then the batch mean.
     return c

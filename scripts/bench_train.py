@@ -7,12 +7,14 @@ width 256, 112 px, patch 14 (64 image tokens); Gemma 4 layers, width 512, 8 head
 dim 64, MLP 2048, vocabulary 2304; batch 8, 64 text tokens of which 48 are supervised suffix; every
 parameter trains with AdamW (global-norm clip 1.0). Both sides do forward, backward and the update.
 Ours runs in float32 and with bfloat16 compute (float32 master weights); torch runs float32 eager
-and, if it compiles, `torch.compile`. Each variant runs in a fresh process, one after another
-(in one process the frameworks slowed each other down). The step's FLOPs come from XLA's cost
-analysis of our fp32 step; the machine's matmul peak is measured in the same run (2048^3 fp32/bf16
-matmuls, best of JAX and torch). The last line is one JSON object: ours_ex_per_s,
-torch_ex_per_s (best torch variant), speedup (ours fp32 / torch fp32) and speedup_bf16 (ours bf16
-/ torch fp32), plus the details.
+and, if it compiles, `torch.compile`, each also under `torch.autocast(bfloat16)` (float32 master
+weights, bf16 matmuls: the like-with-like peer of our bf16 step). Each variant runs in a fresh
+process, one after another (in one process the frameworks slowed each other down). The step's
+FLOPs come from XLA's cost analysis of our fp32 step; the machine's matmul peak is measured in the
+same run (2048^3 fp32/bf16 matmuls, best of JAX and torch). The last line is one JSON object:
+ours_ex_per_s, torch_ex_per_s (best torch fp32 variant), torch_bf16_ex_per_s (best torch autocast
+variant), speedup (ours fp32 / torch's best fp32), speedup_bf16 (ours bf16 / torch's best bf16
+autocast) and speedup_bf16_vs_torch_fp32, plus the details.
 
 Parameter-efficient steps on the same model, same run (bf16 compute, frozen weights in bf16,
 AdamW): attention-only (`optim.trainable='attn'`), LoRA r=16 on the LLM's projections
@@ -40,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from bench_common import machine, print_summary  # noqa: E402
 
 from paligemma_seg.model import (  # noqa: E402
     GemmaConfig,
@@ -167,8 +170,9 @@ def hf_model() -> transformers.PaliGemmaForConditionalGeneration:
     return transformers.PaliGemmaForConditionalGeneration(config).train()
 
 
-def torch_step(compile_model: bool) -> Callable[[], None]:
-    """One forward/backward/AdamW step of transformers' model on the same batch (float32)."""
+def torch_step(compile_model: bool, autocast: bool = False) -> Callable[[], None]:
+    """One forward/backward/AdamW step of transformers' model on the same batch: float32, or
+    float32 weights with bf16 compute under `torch.autocast` (the loss in float32)."""
     model = hf_model()
     batch = make_batch()
     image_tokens = (VISION["image_size"] // VISION["patch_size"]) ** 2
@@ -185,7 +189,9 @@ def torch_step(compile_model: bool) -> Callable[[], None]:
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, foreach=True)
 
     def loss_fn() -> torch.Tensor:
-        logits = model(**inputs, logits_to_keep=TEXT).logits[:, :-1].float()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(**inputs, logits_to_keep=TEXT).logits[:, :-1]
+        logits = logits.float()
         per_token = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), targets, reduction="none"
         )
@@ -222,7 +228,11 @@ def matmul_peak(repeats: int) -> dict[str, float]:
     return out
 
 
-VARIANTS = ("peaks", "torch_eager", "ours_fp32", "ours_bf16", "torch_compile")
+VARIANTS = (
+    "peaks", "torch_eager", "ours_fp32", "ours_bf16", "torch_eager_bf16", "torch_compile",
+    "torch_compile_bf16",
+)  # fmt: skip
+TORCH_COMPILED = ("torch_compile", "torch_compile_bf16")
 PEFT_VARIANTS = ("ours_attn_bf16", "ours_lora_bf16", "ours_lora_int8_bf16")
 
 
@@ -237,7 +247,8 @@ def measure(variant: str, steps: int, repeats: int) -> dict[str, object]:
     if variant.startswith("ours"):
         step, flops = ours("float32" if variant == "ours_fp32" else "bfloat16")
         return {"seconds": time_steps(step, steps, repeats), "flops": flops}
-    return {"seconds": time_steps(torch_step(variant == "torch_compile"), steps, repeats)}
+    step = torch_step(variant in TORCH_COMPILED, autocast=variant.endswith("_bf16"))
+    return {"seconds": time_steps(step, steps, repeats)}
 
 
 def run_isolated(variant: str, args: argparse.Namespace) -> dict[str, object] | None:
@@ -269,16 +280,19 @@ def report(results: dict[str, dict]) -> dict[str, object]:
             f"{name:<14} {BATCH / per_step:7.2f} ex/s  {per_step * 1e3:8.1f} ms/step  "
             f"{rate:6.1f} GFLOP/s = {fraction:5.1%} of the measured matmul peak"
         )
-    torch_best = min(seconds["torch_eager"], seconds.get("torch_compile", float("inf")))
-    compiled = seconds.get("torch_compile")
+    best = lambda *names: min(seconds.get(n, float("inf")) for n in names)
+    torch_best = best("torch_eager", "torch_compile")
+    torch_bf16 = best("torch_eager_bf16", "torch_compile_bf16")
+    rate = lambda name: BATCH / seconds[name] if name in seconds else None
     return {
         "ours_ex_per_s": BATCH / seconds["ours_fp32"],
         "ours_bf16_ex_per_s": BATCH / seconds["ours_bf16"],
         "torch_ex_per_s": BATCH / torch_best,
-        "torch_eager_ex_per_s": BATCH / seconds["torch_eager"],
-        "torch_compile_ex_per_s": None if compiled is None else BATCH / compiled,
+        "torch_bf16_ex_per_s": BATCH / torch_bf16,
+        **{f"{name}_ex_per_s": rate(name) for name in VARIANTS if name.startswith("torch")},
         "speedup": torch_best / seconds["ours_fp32"],
-        "speedup_bf16": torch_best / seconds["ours_bf16"],
+        "speedup_bf16": torch_bf16 / seconds["ours_bf16"],
+        "speedup_bf16_vs_torch_fp32": torch_best / seconds["ours_bf16"],
         "step_gflops": flops / 1e9,
         "peak_gflops": peaks,
     }
@@ -311,20 +325,21 @@ def main() -> None:
     if args.variant:
         print(json.dumps(measure(args.variant, args.steps, args.repeats)))
         return
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in machine().items()))
     peft = {v: run_isolated(v, args) for v in PEFT_VARIANTS}
     summary = peft_report(peft)
     if args.peft_only:
-        print(json.dumps(summary))
+        print_summary(summary)
         return
     results = {}
     for variant in VARIANTS:
-        if variant == "torch_compile" and args.no_compile:
+        if variant in TORCH_COMPILED and args.no_compile:
             continue
         results[variant] = run_isolated(variant, args)
-    missing = [v for v in VARIANTS[:4] if results[v] is None]
+    missing = [v for v in VARIANTS[:5] if results[v] is None]
     if missing:
         raise SystemExit(f"could not measure {missing}; see the messages above.")
-    print(json.dumps({**report(results), **summary}))
+    print_summary({**report(results), **summary})
 
 
 if __name__ == "__main__":

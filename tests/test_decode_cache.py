@@ -189,6 +189,11 @@ def test_unstacked_decode_step_equals_stacked(tiny, adapted):
     if not adapted:  # (An int8 gating weight stays one Quantized leaf.)
         assert "gating_einsum" not in mlp
         assert mlp["gating_einsum_1"].shape == (config.llm.width, config.llm.mlp_dim)
+        attn = split["params"]["llm"]["layers_1"]["attn"]
+        heads = config.llm.num_heads * config.llm.head_dim
+        assert attn["q_einsum"]["w_matrix"].shape == (config.llm.width, heads)
+        assert attn["attn_vec_einsum"]["w_matrix"].shape == (heads, config.llm.width)
+        assert "w" not in attn["q_einsum"]  # one copy of the weight, not two
     token = jnp.argmax(logits, -1).astype(jnp.int32)
     step = lambda m, v, c: m.apply(v, token, c, method=m.decode_step)
     want, want_cache = step(model, variables, cache)

@@ -12,6 +12,7 @@ from flax import traverse_util
 from jax.sharding import Mesh
 
 from paligemma_seg import model as pg
+from paligemma_seg.model import layers
 from paligemma_seg.model.paligemma import make_attn_mask, sliding_window_mask
 
 BIG_VISION_COUNTS = {  # jax.eval_shape of big_vision's model (BIG_VISION_FACTS.md).
@@ -257,3 +258,26 @@ def test_config_is_hashable_and_frozen():
     assert hash(config) == hash(pg.get_preset("pg2-3b-224"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.dtype = "bfloat16"
+
+
+@pytest.mark.parametrize(
+    "eqn, x_shape, w_shape",
+    [
+        ("BTD,NDH->BTNH", (2, 3, 8), (4, 8, 5)),  # q_einsum
+        ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 8)),  # attn_vec_einsum
+        ("BTD,DF->BTF", (2, 3, 8), (8, 6)),
+    ],
+)
+def test_as_matrix_einsum_equals_einsum(eqn, x_shape, w_shape):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    matrix = layers.as_matrix(eqn, w)
+    assert matrix.ndim == 2
+    got = layers._matrix_einsum(eqn, x, matrix, w_shape)
+    np.testing.assert_allclose(got, jnp.einsum(eqn, x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_as_matrix_rejects_einsums_that_are_not_row_matmuls():
+    with pytest.raises(ValueError, match="not x\\[..., in\\] @ w\\[in, out\\]"):
+        layers.as_matrix("BSD,CKDH->CBSKH", jnp.zeros((2, 1, 8, 4)))

@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 from conftest import REPO_ROOT
+from PIL import Image
 
 from paligemma_seg import experiment
 from paligemma_seg.data import prepare, synthetic
@@ -142,3 +143,27 @@ def test_a_vqvae_changed_in_place_is_refused(tmp_path):
         f.write(b"\0")
     with pytest.raises(ValueError, match="the file changed since"):
         prepare.prepare_data(cfg, ("train",))
+
+
+def test_data_resize_writes_resized_copies_and_reconverts_when_asked(tmp_path):
+    cfg = _synthetic_config(tmp_path)
+    paths = prepare.prepare_data(cfg, ("train", "test"))
+    row = json.loads(pathlib.Path(paths["test"]).read_text().splitlines()[0])
+    assert "resized" not in row  # data.resize = 0 (the default): no copies
+
+    cfg.data.resize = 24  # asked now: the conversion without copies is stale
+    codec = experiment.load_codec(cfg)
+    assert prepare._stale_conversion(cfg, codec) == "settings changed: resize"
+    paths = prepare.prepare_data(cfg, ("train", "test"))
+    assert prepare._stale_conversion(cfg, codec) == ""
+    jsonl_dir = pathlib.Path(cfg.data.jsonl_dir)
+    for line in pathlib.Path(paths["train"]).read_text().splitlines():
+        row = json.loads(line)
+        with (
+            Image.open(jsonl_dir / row["resized"]["24"]) as copy,
+            Image.open(jsonl_dir / row["image"]) as full,
+        ):
+            assert copy.size == (24, 24) and full.size == (32, 32)
+
+    cfg.data.resize = 0  # copies no longer asked: the conversion with them still serves
+    assert prepare._stale_conversion(cfg, codec) == ""

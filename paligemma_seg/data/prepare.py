@@ -2,7 +2,8 @@
 
 `prepare_data(cfg, splits)` generates synthetic tiles (`data.synthetic`) when the config asks for
 them and they are missing or were made with other settings, and runs the converter (`data.convert`)
-when a split's JSONL is missing or `report.json` shows other conversion settings. JSONL whose
+when a split's JSONL is missing or `report.json` shows other conversion settings (`data.resize`
+> 0 also writes each image at that resolution, which the pipeline then reads instead). JSONL whose
 report.json names another VQ-VAE file content than `codec.vqvae` is refused (ValueError): its
 `<seg>` codes are another codebook's. Only process 0 decides and writes; it tells the others what
 it does (a broadcast) and all meet at one barrier after it wrote, or all raise if it failed.
@@ -236,6 +237,8 @@ def _stale_conversion(cfg: ml_collections.ConfigDict, codec: Any) -> str:
     elif not coco:
         expected["prefix"] = cfg.data.prefix
     expected["codec"] = dataclasses.asdict(codec.config)
+    if cfg.data.resize:  # 0 = no resized copies asked; any made earlier are harmless
+        expected["resize"] = cfg.data.resize
     changed = [key for key, value in expected.items() if settings.get(key) != value]
     return f"settings changed: {', '.join(changed)}" if changed else ""
 
@@ -257,6 +260,7 @@ def _convert(cfg: ml_collections.ConfigDict, codec: Any) -> None:
         codec=codec,
         vqvae_path=cfg.codec.vqvae,
         tokenizer_path=cfg.tokenizer if os.path.isfile(cfg.tokenizer) else None,
+        resize=cfg.data.resize,
     )
     if coco:
         report = convert.convert_coco(coco, cfg.data.images, cfg.data.jsonl_dir, **options)

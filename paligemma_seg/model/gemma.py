@@ -191,7 +191,7 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        if self.has_variable("params", "gating_einsum_0"):  # `unstack_layers(split_gating=True)`
+        if self.has_variable("params", "gating_einsum_0"):  # `unstack_layers(for_decode=True)`
             gating = [self.get_variable("params", f"gating_einsum_{i}") for i in (0, 1)]
         else:
             gating = layers.make_param(
@@ -325,21 +325,43 @@ class Gemma(nn.Module):
         return x, None if cache is None else LayerCache(k=tuple(keys), v=tuple(values))
 
 
-def unstack_layers(tree: Any, depth: int, *, split_gating: bool = False) -> Any:
+# Projections that `unstack_layers(for_decode=True)` stores as 2-D matrices (`layers.as_matrix`).
+_DECODE_MATRICES = {"q_einsum": "BTD,NDH->BTNH", "attn_vec_einsum": "BTNH,NHD->BTD"}
+
+
+def unstack_layers(tree: Any, depth: int, *, for_decode: bool = False) -> Any:
     """A variables tree of the stacked Gemma (`layers`: every leaf [L, ...]) with `layers` replaced
     by per-layer trees `layers_0` ... `layers_{L-1}`: the tree of `Gemma(unstacked=True)`.
 
-    `tree` is the Gemma's own subtree of one collection (e.g. params['llm']). `split_gating`
-    (params only) also stores each plain `mlp/gating_einsum` [2, D, F] as two [D, F] arrays
-    `gating_einsum_0` / `_1`, so that neither half is sliced (copied) before its dot."""
+    `tree` is the Gemma's own subtree of one collection (e.g. params['llm']). `for_decode` (params
+    only) also stores each plain `mlp/gating_einsum` [2, D, F] as two [D, F] arrays
+    `gating_einsum_0` / `_1`, and `attn/q_einsum/w`, `attn/attn_vec_einsum/w` as 2-D matrices
+    `w_matrix` (`layers.as_matrix`): XLA:CPU copies a sliced or transposed weight before every
+    token's dot, and these are what the dots read directly."""
     if "layers" not in tree:
         return tree
     out = {key: value for key, value in tree.items() if key != "layers"}
     for index in range(depth):
         layer = jax.tree.map(lambda leaf, i=index: leaf[i], tree["layers"])
-        gating = layer.get("mlp", {}).get("gating_einsum") if split_gating else None
-        if isinstance(gating, jax.Array | np.ndarray):
-            mlp = {key: value for key, value in layer["mlp"].items() if key != "gating_einsum"}
-            layer["mlp"] = {**mlp, "gating_einsum_0": gating[0], "gating_einsum_1": gating[1]}
+        if for_decode:
+            layer = _decode_layout(layer)
         out[f"layers_{index}"] = layer
     return out
+
+
+def _decode_layout(layer: dict[str, Any]) -> dict[str, Any]:
+    """One layer's params with plain (not int8) gating halves and attention matrices."""
+    is_plain = lambda leaf: isinstance(leaf, jax.Array | np.ndarray)
+    layer = dict(layer)
+    gating = layer.get("mlp", {}).get("gating_einsum")
+    if is_plain(gating):
+        mlp = {key: value for key, value in layer["mlp"].items() if key != "gating_einsum"}
+        layer["mlp"] = {**mlp, "gating_einsum_0": gating[0], "gating_einsum_1": gating[1]}
+    attn = dict(layer.get("attn", {}))
+    for name, eqn in _DECODE_MATRICES.items():
+        weight = attn.get(name, {}).get("w")
+        if is_plain(weight):
+            attn[name] = {"w" + layers.MATRIX_SUFFIX: layers.as_matrix(eqn, weight)}
+    if attn:
+        layer["attn"] = attn
+    return layer

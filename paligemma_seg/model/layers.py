@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from paligemma_seg.model import lora, quant
 
@@ -53,6 +54,41 @@ def make_param(
     return value
 
 
+MATRIX_SUFFIX = "_matrix"  # `Einsum`'s weight stored as a 2-D matrix (`as_matrix`).
+
+
+def _einsum_groups(eqn: str) -> tuple[str, str, str]:
+    """(x's leading letters, contracted letters in x's order, w's output letters in w's order)."""
+    operands, out = eqn.replace(" ", "").split("->")
+    x_letters, w_letters = operands.split(",")
+    contracted = "".join(c for c in x_letters if c in w_letters and c not in out)
+    lead = x_letters[: len(x_letters) - len(contracted)]
+    produced = "".join(c for c in w_letters if c not in contracted)
+    if x_letters[len(lead) :] != contracted or out != lead + produced:
+        raise ValueError(f"einsum {eqn!r} is not x[..., in] @ w[in, out]; keep its full weight")
+    return lead, contracted, produced
+
+
+def as_matrix(eqn: str, w: jax.Array) -> jax.Array:
+    """The weight of `einsum(eqn, x, w)` as a 2-D [in, out] matrix: contracted axes in x's order,
+    then output axes (e.g. q_einsum [N, D, H] -> [D, N*H]). Decoding on CPU stores this copy once
+    per call: XLA:CPU otherwise transposes the weight before every token's dot."""
+    _, contracted, produced = _einsum_groups(eqn)
+    w_letters = eqn.replace(" ", "").split("->")[0].split(",")[1]
+    order = [w_letters.index(c) for c in contracted + produced]
+    rows = int(np.prod([w.shape[w_letters.index(c)] for c in contracted]))
+    return jnp.transpose(w, order).reshape(rows, -1)
+
+
+def _matrix_einsum(eqn: str, x: jax.Array, matrix: jax.Array, w_shape: Sequence[int]) -> jax.Array:
+    """`einsum(eqn, x, w)` for w of `w_shape`, computed as rows of x times `as_matrix(eqn, w)`."""
+    lead, _, produced = _einsum_groups(eqn)
+    w_letters = eqn.replace(" ", "").split("->")[0].split(",")[1]
+    out_sizes = [w_shape[w_letters.index(c)] for c in produced]
+    y = x.reshape(-1, matrix.shape[0]) @ matrix.astype(x.dtype)  # [rows, out]
+    return y.reshape(*x.shape[: len(lead)], *out_sizes)
+
+
 class Einsum(nn.Module):
     """`einsum(eqn, x, w) (+ b)` with a weight of `shape`; the weight is called `param_name`.
 
@@ -71,8 +107,15 @@ class Einsum(nn.Module):
 
     @nn.compact
     def __call__(self, eqn: str, x: jax.Array) -> jax.Array:
-        w = make_param(self, self.param_name, self.init, self.shape, self.axes, self.param_dtype)
-        y = jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
+        matrix_name = self.param_name + MATRIX_SUFFIX
+        if self.has_variable("params", matrix_name):  # a decode tree's `as_matrix` copy
+            matrix = self.get_variable("params", matrix_name)
+            y = _matrix_einsum(eqn, x.astype(self.dtype), matrix, self.shape)
+        else:
+            w = make_param(
+                self, self.param_name, self.init, self.shape, self.axes, self.param_dtype
+            )
+            y = jnp.einsum(eqn, x.astype(self.dtype), w.astype(self.dtype))
         adapter = lora.adapter(self, self.param_name)
         if adapter is not None:
             y = y + lora.einsum_term(self, eqn, x, adapter, self.dtype)

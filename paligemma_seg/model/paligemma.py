@@ -267,7 +267,7 @@ def unstacked_variables(variables: dict[str, Any], config: PaliGemmaConfig) -> d
     for collection, tree in variables.items():
         tree = dict(tree)
         if "llm" in tree:
-            tree["llm"] = unstack_layers(tree["llm"], depth, split_gating=collection == "params")
+            tree["llm"] = unstack_layers(tree["llm"], depth, for_decode=collection == "params")
         out[collection] = tree
     return out
 
