@@ -1,5 +1,7 @@
 """VQ-VAE: torch oracle (vae-oid key names and layouts), npz loading rules, save/load, batching."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -237,3 +239,36 @@ def test_train_step_updates_params_and_codebook_and_restarts_dead_codes():
     for code in dead:  # each restarted code sits next to one of the batch's encoder outputs
         distances = np.abs(features - np.asarray(restarted.codebook)[code]).max(-1)
         assert distances.min() < 1e-2 * np.abs(features).max()
+
+
+def test_soft_iou_loss_by_hand():
+    from paligemma_seg.segtokens import train_vqvae
+
+    targets = np.zeros((2, 64, 64, 1), np.float32)
+    targets[0, :8, :8] = 1.0  # 64 pixels of water; crop 1 is empty
+    logits = np.full_like(targets, -1e4)
+    logits[0, :8, :4] = 1e4  # predicts half of it: I = 32, U = 64
+    # crop 0: 1 - 33/65; crop 1 (empty vs empty): 1 - 1/1 = 0
+    want = (1 - 33 / 65 + 0.0) / 2
+    got = float(train_vqvae.soft_iou_loss(jnp.asarray(logits), jnp.asarray(targets)))
+    assert abs(got - want) < 1e-6
+    logits[1, 0, 0] = 0.0  # sigmoid 0.5 on one pixel of the empty crop: U = 0.5
+    got = float(train_vqvae.soft_iou_loss(jnp.asarray(logits), jnp.asarray(targets)))
+    assert abs(got - (1 - 33 / 65 + 1 - 1 / 1.5) / 2) < 1e-6
+
+
+def test_init_state_starts_from_a_vae_oid_file(tmp_path):
+    from paligemma_seg.segtokens import train_vqvae
+
+    params = vqvae.init_params(jax.random.PRNGKey(3))
+    path = tmp_path / "start.npz"
+    vqvae.save(params, str(path))
+    stored = vqvae.load(str(path)).params
+    cfg = train_vqvae.TrainConfig(init=str(path), warmup_steps=1)
+    state = train_vqvae.init_state(cfg, train_vqvae.make_optimizer(cfg))
+    np.testing.assert_array_equal(state.codebook, np.asarray(stored["codebook"], np.float32))
+    np.testing.assert_array_equal(state.ema_sum, state.codebook)  # the EMA starts at the codebook
+    for key, value in state.params.items():
+        np.testing.assert_array_equal(value, np.asarray(stored[key], np.float32), err_msg=key)
+    fresh = train_vqvae.init_state(train_vqvae.TrainConfig(), train_vqvae.make_optimizer(cfg))
+    assert not np.allclose(fresh.codebook, state.codebook)

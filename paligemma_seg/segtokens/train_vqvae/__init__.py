@@ -5,7 +5,11 @@ r"""Trains a vae-oid-shaped mask VQ-VAE on generated shapes plus real masks; wri
         --out checkpoints/vqvae_small.npz --steps 4400 --lr 8e-4
 
 Straight-through VQ with a commitment loss and an EMA codebook, dead-code restarts from encoder
-outputs, sigmoid cross-entropy on the decoder's raw output (> 0 = inside). Crops come from
+outputs, sigmoid cross-entropy on the decoder's raw output (> 0 = inside), plus `--iou-weight` times
+a soft-IoU loss per crop. `--shape-mix thin_water` adds branching rivers, dendritic reservoirs,
+rough coasts and specks to the generated shapes; `--init FILE.npz` fine-tunes an existing codec
+(e.g. `--init checkpoints/vqvae_small.npz --steps 600 --lr 3e-4 --shape-mix thin_water
+--iou-weight 1`). Crops come from
 `codec.to_objects` (the codec's own boxes and resize) plus random windows of the real masks. A
 slice of the real masks (by name hash) is held out for the final report (`OUT.json`). Resumable:
 the full state goes to `OUT.state.npz` every --checkpoint-every steps, and a rerun continues it.
@@ -26,7 +30,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from paligemma_seg.segtokens import vqvae
+from paligemma_seg.segtokens import shapes, vqvae
 from paligemma_seg.segtokens.train_vqvae.crops import (
     generated_crops,
     is_holdout,
@@ -54,6 +58,9 @@ class TrainConfig:
     windows_per_mask: int = 24  # random windows per real mask (on top of the codec's own crops)
     holdout_fraction: float = 0.1  # real masks held out (by name hash) for the report
     seed: int = 0
+    iou_weight: float = 0.0  # weight of 1 - soft IoU per crop (thin parts count as much as blobs)
+    shape_mix: str = "plain"  # generated kinds: "plain" (shapes.WEIGHTS) or "thin_water"
+    init: str = ""  # start from this vae-oid-format .npz (fine-tuning); "" = random init
 
 
 @jax.tree_util.register_dataclass
@@ -78,8 +85,14 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
 
 
+SHAPE_MIXES = {"plain": shapes.WEIGHTS, "thin_water": shapes.THIN_WATER_WEIGHTS}
+
+
 def init_state(cfg: TrainConfig, tx: optax.GradientTransformation) -> State:
-    params = vqvae.init_params(jax.random.PRNGKey(cfg.seed))
+    if cfg.init:
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in vqvae.load(cfg.init).params.items()}
+    else:
+        params = vqvae.init_params(jax.random.PRNGKey(cfg.seed))
     codebook = params.pop("codebook")
     return State(
         jnp.zeros((), jnp.int32),
@@ -99,6 +112,15 @@ def reconstruction_iou(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.where(union > 0, inter / jnp.maximum(union, 1), 1.0)
 
 
+def soft_iou_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over crops of 1 - soft IoU(sigmoid(logits), targets); +1 smoothing keeps empty crops
+    finite (an empty crop predicted empty scores 1)."""
+    probabilities = jax.nn.sigmoid(logits)
+    inter = jnp.sum(probabilities * targets, axis=(1, 2, 3))
+    union = jnp.sum(probabilities + targets, axis=(1, 2, 3)) - inter
+    return jnp.mean(1.0 - (inter + 1.0) / (union + 1.0))
+
+
 def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation):
     """Returns train_step(state, masks float32[B, 64, 64, 1]) -> (state, metrics)."""
 
@@ -109,6 +131,8 @@ def make_train_step(cfg: TrainConfig, tx: optax.GradientTransformation):
         straight_through = features + jax.lax.stop_gradient(quantized - features)
         logits = vqvae.decoder(params, straight_through)
         reconstruction = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, masks))
+        if cfg.iou_weight:
+            reconstruction = reconstruction + cfg.iou_weight * soft_iou_loss(logits, masks)
         commitment = jnp.mean((features - jax.lax.stop_gradient(quantized)) ** 2)
         loss = reconstruction + cfg.commitment * commitment
         return loss, (features, codes, logits, reconstruction, commitment)
@@ -211,9 +235,10 @@ def build_data(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, np.ndarr
     )
     return {
         "real": to_uint8(real_crops(train_paths, cfg.windows_per_mask, cfg.seed)),
-        "generated": to_uint8(generated_crops(cfg.generated, cfg.seed)),
+        "generated": to_uint8(generated_crops(cfg.generated, cfg.seed, SHAPE_MIXES[cfg.shape_mix])),
         "holdout_real": real_crops(holdout_paths, 4, cfg.seed + 1),
         "holdout_generated": generated_crops(512, cfg.seed + 12345),
+        "holdout_thin_water": generated_crops(512, cfg.seed + 23456, shapes.THIN_WATER_WEIGHTS),
         "holdout_names": np.array([p.name for p in holdout_paths]),
     }
 
@@ -297,6 +322,7 @@ def report(args, cfg: TrainConfig, data: dict, sessions: list[dict], history: li
         "holdout_real_masks": data["holdout_names"].tolist(),
         "iou_holdout_real_crops": evaluate(model, data["holdout_real"]),
         "iou_holdout_generated_crops": evaluate(model, data["holdout_generated"]),
+        "iou_holdout_thin_water_crops": evaluate(model, data["holdout_thin_water"]),
         "codes_used_on_holdout": int(len(nonzero)),
         "code_perplexity_on_holdout": float(np.exp(-(nonzero * np.log(nonzero)).sum())),
         "history": history,

@@ -29,6 +29,18 @@ def main(argv: list[str] | None = None) -> None:
         "--generated", type=int, default=TrainConfig.generated, help="generated training crops"
     )
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    parser.add_argument(
+        "--iou-weight", type=float, default=TrainConfig.iou_weight,
+        help="weight of the soft-IoU loss beside the pixel cross-entropy",
+    )  # fmt: skip
+    parser.add_argument(
+        "--shape-mix", choices=sorted(train_vqvae.SHAPE_MIXES), default=TrainConfig.shape_mix,
+        help="generated kinds: plain, or thin_water (river networks, reservoirs, coasts, specks)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init", default=TrainConfig.init,
+        help="start from this vae-oid-format .npz (fine-tune; fresh optimizer), not random",
+    )  # fmt: skip
     parser.add_argument("--checkpoint-every", type=int, default=200)
     parser.add_argument(
         "--max-minutes", type=float, default=0, help="stop (and save) after this long; 0 = off"
@@ -40,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         learning_rate=args.lr,
         generated=args.generated,
         seed=args.seed,
+        iou_weight=args.iou_weight,
+        shape_mix=args.shape_mix,
+        init=args.init,
     )
     result = train(args, cfg)
     print(

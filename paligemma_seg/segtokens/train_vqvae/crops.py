@@ -64,13 +64,14 @@ def crops_of(mask: np.ndarray, rng: np.random.Generator, windows: int) -> list[n
     return crops
 
 
-def generated_crops(count: int, seed: int) -> np.ndarray:
-    """float32[count, 64, 64] crops of generated shapes."""
+def generated_crops(count: int, seed: int, weights: dict[str, float] | None = None) -> np.ndarray:
+    """float32[count, 64, 64] crops of generated shapes, kinds drawn by `weights`
+    (`shapes.random_mask`'s; default `shapes.WEIGHTS`)."""
     rng = np.random.default_rng(seed)
     crops: list[np.ndarray] = []
     with tqdm(total=count, desc=f"shapes (seed {seed})", leave=False) as bar:
         while len(crops) < count:
-            mask = shapes.random_mask(rng)
+            mask = shapes.random_mask(rng, weights)
             new = crops_of(mask, rng, windows=1)
             picked = rng.choice(len(new), size=min(len(new), 3), replace=False)
             crops.extend(new[i] for i in picked)
