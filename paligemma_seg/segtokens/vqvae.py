@@ -7,7 +7,8 @@ Layouts: the npz holds torch layouts (Conv2d [out, in, kh, kw], ConvTranspose2d 
 in memory every kernel is a plain convolution kernel in HWIO [kh, kw, in, out]. A torch transposed
 convolution (kernel 4, stride 2, padding 1) equals a convolution of the 2x-dilated input with the
 spatially flipped kernel and padding kernel - 1 - padding = 2; `_conv_transpose` computes that sum
-phase by phase, without the inserted zeros (checked against torch in tests/test_vqvae.py).
+phase by phase as one 2x2 convolution, without the inserted zeros (checked against torch in
+tests/test_vqvae.py).
 Parameters are float32; `save` writes float16 by default (4 MB), `load` reads f16/bf16/f32.
 """
 
@@ -85,22 +86,19 @@ def _conv(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int = 1) -> 
 
 
 # A stride-2 transposed convolution splits into 4 output phases (row parity ry, column parity rx).
-# Output row 2m + ry reads input rows m - 1 + d for window index d in 0..2 with the flipped-kernel
-# row below: ry = 0: d = 0 -> kernel row 0, d = 1 -> row 2;  ry = 1: d = 1 -> row 1, d = 2 -> row 3
-# (same for columns).
-_PHASE_TAPS = {0: ((0, 0), (1, 2)), 1: ((1, 1), (2, 3))}
+# Output row 2m + ry reads two input rows with two rows of the flipped kernel: ry = 0: rows m - 1
+# and m with kernel rows 0 and 2; ry = 1: rows m and m + 1 with kernel rows 1 and 3 (same for
+# columns). So each phase is a 2x2 convolution of the input padded by 1, phase ry's output m
+# sitting at window m + ry: one 2x2 convolution with 4 * O outputs computes all four.
+_PHASE_ROWS = np.array([[0, 2], [1, 3]])  # [phase, tap] -> row (column) of the flipped kernel
 
 
 def _phase_kernel(kernel: jax.Array) -> jax.Array:
-    """Flipped 4x4 kernel float[4, 4, I, O] -> float[3, 3, I, 4 * O] computing all 4 phases."""
-    _, _, in_ch, out_ch = kernel.shape
-    phased = jnp.zeros((3, 3, in_ch, 2, 2, out_ch), kernel.dtype)
-    for ry, row_taps in _PHASE_TAPS.items():
-        for rx, col_taps in _PHASE_TAPS.items():
-            for dy, ky in row_taps:
-                for dx, kx in col_taps:
-                    phased = phased.at[dy, dx, :, ry, rx, :].set(kernel[ky, kx])
-    return phased.reshape(3, 3, in_ch, 4 * out_ch)
+    """Flipped 4x4 kernel float[4, 4, I, O] -> float[2, 2, I, 4 * O] (taps, then the 4 phases)."""
+    rows = _PHASE_ROWS
+    # [ry, ty, rx, tx, I, O]
+    phased = kernel[rows[:, :, None, None], rows[None, None, :, :]]
+    return phased.transpose(1, 3, 4, 0, 2, 5).reshape(2, 2, kernel.shape[2], -1)
 
 
 def _conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
@@ -108,19 +106,24 @@ def _conv_transpose(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arr
 
     `kernel` float[4, 4, I, O] is the equivalent plain-convolution kernel (torch's [I, O, kh, kw]
     moved to HWIO and flipped in space), i.e. what would run over the input dilated by 2 with
-    padding 2. Running the 4 output phases as one 3x3 convolution of the undilated input does the
-    same sums without the inserted zeros (about 2.5x faster on CPU).
+    padding 2. One 2x2 convolution of the undilated input computes the 4 output phases: the same
+    sums without the inserted zeros and without zero taps (on CPU twice as fast as a 3x3 kernel
+    holding all phases, which was 2.5x faster than the dilated form).
     """
     batch, height, width, _ = x.shape
-    # [B, H, W, 4 * O]: for each input pixel, the 2x2 output pixels it anchors.
+    # [B, H + 1, W + 1, 2, 2, O]: window (q, r), phase (ry, rx) is output pixel (q - ry, r - rx).
     y = jax.lax.conv_general_dilated(
         x,
         _phase_kernel(kernel),
         (1, 1),
         [(1, 1), (1, 1)],
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    y = y.reshape(batch, height, width, 2, 2, -1).transpose(0, 1, 3, 2, 4, 5)
+    ).reshape(batch, height + 1, width + 1, 2, 2, -1)
+    phase_rows = [
+        jnp.stack([y[:, ry : ry + height, rx : rx + width, ry, rx] for rx in (0, 1)], axis=3)
+        for ry in (0, 1)
+    ]  # each [B, H, W, 2 (rx), O]
+    y = jnp.stack(phase_rows, axis=2)  # [B, H, 2 (ry), W, 2 (rx), O]
     return y.reshape(batch, 2 * height, 2 * width, -1) + bias
 
 
